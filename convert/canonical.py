@@ -1,0 +1,90 @@
+"""The canonical model between readers and writers.
+
+Readers (GGUF, HF safetensors, ...) only produce a `CanonicalModel`; writers (MLX package,
+Core ML package) only consume it. Tensor names are Hugging Face names
+(`model.layers.0.self_attn.q_proj.weight`); float tensors keep their source dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+# Mapping classes, reported per tensor.
+EXACT = "exact"  # dequantizes to exactly the source's reference dequantization
+WIDENED = "widened"  # lossless, but stored with more bits than the source
+F32_SCALES_EXACT = "f32-scales exact"  # exact only with float32 scales (K-quants)
+REQUANTIZED = "requantized"  # lossy; max_abs_error says how much
+FLOAT = "float"  # a float tensor carried over (possibly cast)
+
+
+@dataclass
+class QuantTensor:
+    """MLX affine quantization: w[r, j] = scales[r, j // group] * q[r, j] + biases[r, j // group]."""
+
+    w_q: np.ndarray  # (rows, cols * bits // 32) uint32, each row a little-endian bitstream
+    scales: np.ndarray  # (rows, cols // group_size) float16 / float32
+    biases: np.ndarray  # (rows, cols // group_size) same dtype as scales
+    bits: int
+    group_size: int
+    mode: str = "affine"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, words = self.w_q.shape
+        return rows, words * 32 // self.bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.w_q.nbytes + self.scales.nbytes + self.biases.nbytes
+
+
+@dataclass
+class TensorRecord:
+    """One output tensor with its provenance."""
+
+    name: str  # HF name, e.g. "model.layers.0.mlp.down_proj.weight"
+    value: np.ndarray | QuantTensor
+    source_name: str  # name in the source, e.g. "blk.0.ffn_down.weight"
+    source_type: str  # e.g. "Q4_1", "F32"
+    mapping: str  # one of the classes above
+    max_abs_error: float = 0.0
+    note: str = ""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        v = self.value
+        return v.shape if isinstance(v, QuantTensor) else tuple(v.shape)
+
+    def report(self) -> dict:
+        v = self.value
+        n = int(np.prod(self.shape))
+        entry = {
+            "source_name": self.source_name,
+            "source_type": self.source_type,
+            "class": self.mapping,
+            "shape": list(self.shape),
+            "max_abs_error": float(self.max_abs_error),
+            "bits_per_weight": round(8.0 * v.nbytes / max(n, 1), 4),
+        }
+        if isinstance(v, QuantTensor):
+            entry.update(bits=v.bits, group_size=v.group_size, mode=v.mode,
+                         scale_dtype=str(v.scales.dtype))
+        else:
+            entry.update(dtype=str(v.dtype))
+        if self.note:
+            entry["note"] = self.note
+        return entry
+
+
+@dataclass
+class CanonicalModel:
+    """An architecture config plus a stream of tensors, tokenizer files and provenance."""
+
+    config: dict  # HF config.json fields (model_type, hidden_size, ...)
+    tensors: Callable[[], Iterator[TensorRecord]]  # a fresh iterator per call; streams lazily
+    tensor_count: int
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # file name -> contents
+    source: dict = field(default_factory=dict)  # {"path", "sha256", "format", ...}

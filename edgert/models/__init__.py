@@ -1,0 +1,23 @@
+"""Architectures, one module per HF model_type; found by import name plus a small remap."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UnsupportedError
+
+# HF model_type -> module name, where they differ.
+MODEL_REMAPPING = {"mistral": "llama", "smollm": "llama"}
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def get_classes(model_type: str):
+    """(Model, ModelArgs) for an HF model_type."""
+    name = MODEL_REMAPPING.get(model_type, model_type)
+    try:
+        module = importlib.import_module(f"edgert.models.{name}")
+    except ModuleNotFoundError:
+        raise UnsupportedError(
+            f"unknown architecture {model_type!r} (supported: {', '.join(SUPPORTED)})"
+        ) from None
+    return module.Model, module.ModelArgs

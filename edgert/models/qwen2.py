@@ -1,0 +1,18 @@
+"""Qwen2 / Qwen2.5: HF model_type "qwen2" — Llama with biased q/k/v projections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import llama
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    rope_theta: float = 1000000.0
+    tie_word_embeddings: bool = False
+
+
+class Model(llama.Model):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, bias=True)

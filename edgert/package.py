@@ -1,0 +1,97 @@
+"""Load an MLX package folder (config.json + safetensors + tokenizer) into a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import EdgertError
+from .models import get_classes
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise EdgertError(f"{path} is not an MLX package (no config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgertError(f"{cfg}: invalid JSON ({e})") from None
+
+
+def load_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise EdgertError(f"{path} has no model*.safetensors")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Turn Linear/Embedding layers into their quantized form as config.json says.
+
+    Per-module overrides are keyed by module path; a module without `.scales` in the
+    weights stays float (the same rules mlx-lm applies).
+    """
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return True
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def activation_dtype(weights: dict) -> mx.Dtype:
+    """float32 on the CPU backend (its quantized matmul accumulates in the activation dtype);
+    elsewhere the dtype of the float weights."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    for k, v in weights.items():
+        if k.endswith("norm.weight") and v.dtype in (mx.float16, mx.bfloat16):
+            return v.dtype
+    return mx.float16
+
+
+def load_model(path: str | Path, lazy: bool = False) -> tuple[nn.Module, dict]:
+    """Build the model of an MLX package folder; returns (model, config)."""
+    path = Path(path)
+    config = read_config(path)
+    model_cls, args_cls = get_classes(config.get("model_type", "<missing>"))
+    try:
+        args = args_cls.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
+    model = model_cls(args)
+    weights = load_weights(path)
+    weights = model.sanitize(weights)
+    if (q := config.get("quantization")) is not None:
+        apply_quantization(model, q, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise EdgertError(f"{path}: weights do not match the config ({e})") from None
+    model.activation_dtype = activation_dtype(weights)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+def load(model: str | Path | None = None, lazy: bool = False):
+    """Load a model and its tokenizer: an MLX package folder, a .gguf file (converted into the
+    cache on first use), or None for the embedded default model. Returns (model, tokenizer)."""
+    from .convert.api import ensure_package
+    from .tokenizer import load_tokenizer
+
+    path = ensure_package(model)
+    m, _ = load_model(path, lazy=lazy)
+    return m, load_tokenizer(path)

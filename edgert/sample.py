@@ -1,0 +1,92 @@
+"""Samplers: small composable logits -> logits / logits -> token functions."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+
+NEG_INF = float("-inf")
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens. logprobs (B, V)."""
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k][..., None]
+    return mx.where(logprobs < kth, NEG_INF, logprobs)
+
+
+def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of tokens whose probability mass reaches p."""
+    if p <= 0 or p >= 1:
+        return logprobs
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+    drop_sorted = (cum - mx.exp(sorted_lp)) >= p  # mass before this token already >= p
+    drop = mx.put_along_axis(mx.zeros_like(drop_sorted), order, drop_sorted, axis=-1)
+    return mx.where(drop, NEG_INF, logprobs)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0:
+        return logprobs
+    top = mx.max(logprobs, axis=-1, keepdims=True)
+    return mx.where(logprobs < top + mx.log(mx.array(min_p, logprobs.dtype)), NEG_INF, logprobs)
+
+
+def categorical(logprobs: mx.array, temp: float, key=None) -> mx.array:
+    return mx.random.categorical(logprobs * (1 / temp), key=key)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: int | None = None) -> Callable[[mx.array], mx.array]:
+    """logprobs (B, V) -> token ids (B,). temp 0 is greedy; a seed makes sampling repeatable."""
+    if temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    filters = []
+    if top_k > 0:
+        filters.append(partial(apply_top_k, k=top_k))
+    if 0 < top_p < 1:
+        filters.append(partial(apply_top_p, p=top_p))
+    if min_p > 0:
+        filters.append(partial(apply_min_p, min_p=min_p))
+    state = {"key": mx.random.key(seed if seed is not None else int.from_bytes(
+        __import__("os").urandom(4), "little"))}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        state["key"], sub = mx.random.split(state["key"])
+        return categorical(logprobs, temp, key=sub)
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 64):
+    """A logits processor (tokens, logits) -> logits that divides positive logits of recently
+    generated tokens by `penalty` and multiplies negative ones (CTRL / HF semantics)."""
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be positive, got {penalty}")
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0 or penalty == 1.0:
+            return logits
+        recent = tokens[-context_size:]
+        selected = logits[:, recent]
+        selected = mx.where(selected < 0, selected * penalty, selected / penalty)
+        logits[:, recent] = selected
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: float | None = None,
+                           repetition_context_size: int = 64) -> list:
+    procs = []
+    if repetition_penalty and repetition_penalty != 1.0:
+        procs.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    return procs

@@ -1,0 +1,1 @@
+"""edgert.ios_bridge: the contract between the Python converter and the Swift package."""

@@ -1,0 +1,72 @@
+"""Architectures against transformers: random-initialised HF models, same logits in float32."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from edgert.models.cache import make_cache
+from edgert.package import load_model
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+
+CONFIGS = {
+    "llama": (transformers.LlamaConfig, dict(SMALL, tie_word_embeddings=False)),
+    "llama-tied-bias": (transformers.LlamaConfig,
+                        dict(SMALL, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "llama3-rope": (transformers.LlamaConfig, dict(SMALL, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": (transformers.MistralConfig, dict(SMALL, head_dim=32)),
+    "qwen2": (transformers.Qwen2Config, dict(SMALL, tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(SMALL, head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def hf_model(name: str, folder):
+    cfg_cls, kw = CONFIGS[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**kw), dtype=torch.float32)
+    with torch.no_grad():  # random biases and norm weights, so that they are exercised
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(params=list(CONFIGS))
+def pair(request, tmp_path):
+    hf = hf_model(request.param, tmp_path)
+    model, _ = load_model(tmp_path)
+    return hf, model
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_logits_match_transformers(pair):
+    hf, model = pair
+    ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], size=(1, 100))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    out = np.array(model(mx.array(ids)))
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_kv_cache_decode_matches_uncached(pair):
+    _, model = pair
+    ids = np.random.default_rng(1).integers(0, SMALL["vocab_size"], size=(1, 40))
+    full = np.array(model(mx.array(ids)))[0]  # (40, V)
+    cache = make_cache(model)
+    model(mx.array(ids[:, :8]), cache=cache)  # prefill 8, then 32 single-token steps
+    for t in range(8, 40):
+        step = np.array(model(mx.array(ids[:, t : t + 1]), cache=cache))[0, 0]
+        assert rel_err(step, full[t]) < 1e-4, f"position {t}"

@@ -1,0 +1,98 @@
+"""The interactive chat loop: multi-turn, streaming, KV cache reused across turns."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from .generation import stream_generate
+from .models.cache import make_cache
+
+HELP = "/reset starts a new conversation, /exit quits; Ctrl-C stops a reply."
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """A conversation whose KV cache holds the tokens seen so far; each turn feeds only the
+    tokens after the longest prefix shared with the cache."""
+
+    def __init__(self, model, tokenizer, system: str | None = None):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.reset()
+
+    def reset(self):
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = make_cache(self.model)
+        self.cached: list[int] = []
+
+    def prompt_ids(self) -> list[int]:
+        tok = self.tokenizer
+        if tok.has_chat_template:
+            return tok.encode(tok.apply_chat_template(self.messages, add_generation_prompt=True),
+                              add_special_tokens=False)
+        text = "\n".join(m["content"] for m in self.messages) + "\n"
+        return tok.encode(text)
+
+    def reply(self, user: str, max_tokens: int, sampling: dict):
+        """Yield GenerationResponses; the (possibly interrupted) reply joins the history."""
+        self.messages.append({"role": "user", "content": user})
+        ids = self.prompt_ids()
+        keep = min(common_prefix(self.cached, ids), len(ids) - 1)
+        for c in self.cache:
+            c.trim(c.offset - keep)
+        fed = list(ids)
+        text = []
+        try:
+            for r in stream_generate(self.model, self.tokenizer, ids[keep:], max_tokens,
+                                     prompt_cache=self.cache, **sampling):
+                if r.finish_reason is None or r.finish_reason == "stop":
+                    fed.append(r.token)
+                text.append(r.text)
+                yield r
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(text)})
+            offset = self.cache[0].offset
+            self.cached = (ids[:keep] + fed[keep:])[:offset]
+            for c in self.cache:  # anything beyond what we can name is dropped
+                c.trim(c.offset - len(self.cached))
+
+
+def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> None:
+    model, tokenizer = loaded
+    console = Console(highlight=False)
+    session = ChatSession(model, tokenizer, system)
+    console.print(f"[dim]{HELP}[/dim]")
+    while True:
+        try:
+            user = console.input("[bold green]>>> [/bold green]")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        cmd = user.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            session.reset()
+            console.print("[dim]conversation reset[/dim]")
+            continue
+        last = None
+        try:
+            for r in session.reply(user, max_tokens, sampling):
+                console.print(r.text, end="", markup=False, soft_wrap=True)
+                last = r
+        except KeyboardInterrupt:
+            console.print("\n[dim](stopped)[/dim]", end="")
+        console.print()
+        if last is not None:
+            console.print(f"[dim]prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s · "
+                          f"generation {last.generation_tokens} tok @ "
+                          f"{last.generation_tps:.1f} tok/s[/dim]")

@@ -1,0 +1,167 @@
+"""The `edgert` command: thin click commands over the library; heavy imports inside each."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EdgertError
+
+MODEL_HELP = "an MLX package folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+
+
+class Context:
+    debug = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="edgert")
+def cli(debug: bool):
+    """edgert: run quantized LLMs on MLX; convert them for Macs and iPhones."""
+    Context.debug = debug
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("--max-tokens", "-n", default=256, show_default=True, help="Tokens to generate."),
+        click.option("--temp", default=0.0, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-p", default=0.0, help="Nucleus sampling mass (0 = off)."),
+        click.option("--top-k", default=0, help="Keep the k most likely tokens (0 = off)."),
+        click.option("--min-p", default=0.0, help="Drop tokens below min-p x the top probability."),
+        click.option("--repetition-penalty", default=None, type=float, help="e.g. 1.1 (off by default)."),
+        click.option("--seed", default=None, type=int, help="Random seed: same seed, same output."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def sampling_kwargs(kw: dict) -> dict:
+    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    return {k: kw[k] for k in keys}
+
+
+def load_with_status(model: str | None):
+    from rich.console import Console
+
+    from .package import load
+
+    with Console(stderr=True).status("loading model…"):
+        return load(model)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@sampling_options
+@click.option("--system", default=None, help="System prompt.")
+def chat(model, system, max_tokens, **kw):
+    """Chat with a model, streaming. /reset starts over, /exit quits; Ctrl-C stops a reply."""
+    from .chat import run_chat
+
+    run_chat(load_with_status(model), system=system, max_tokens=max_tokens,
+             sampling=sampling_kwargs(kw))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", "-p", required=True, help="The prompt ('-' reads standard input).")
+@sampling_options
+@click.option("--raw", is_flag=True, help="Do not apply the chat template.")
+@click.option("--system", default=None, help="System prompt (with the chat template).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(model, prompt, max_tokens, raw, system, as_json, **kw):
+    """Generate a reply to PROMPT with MODEL."""
+    from .generation import stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise EdgertError("empty prompt: give some text with -p")
+    m, tok = load_with_status(model)
+    text = prompt
+    if not raw and tok.has_chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=raw or not tok.has_chat_template)
+    pieces, tokens, last = [], [], None
+    for r in stream_generate(m, tok, ids, max_tokens, **sampling_kwargs(kw)):
+        pieces.append(r.text)
+        if r.finish_reason is None:
+            tokens.append(r.token)
+        if not as_json:
+            click.echo(r.text, nl=False)
+        last = r
+    if as_json:
+        click.echo(json.dumps({
+            "text": "".join(pieces), "tokens": tokens, "finish_reason": last.finish_reason,
+            "prompt_tokens": last.prompt_tokens, "generation_tokens": len(tokens),
+            "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
+            "peak_memory_gb": round(last.peak_memory_gb, 3),
+        }, ensure_ascii=False))
+    else:
+        click.echo()
+        click.secho(f"prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s · "
+                    f"generation {len(tokens)} tok @ {last.generation_tps:.1f} tok/s",
+                    dim=True, err=True)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert(src, out, force):
+    """Convert a checkpoint (GGUF) into an MLX package folder."""
+    from .convert.api import convert_file
+
+    path = convert_file(src, out, force=force, progress=True)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--tensors", is_flag=True, help="List every tensor's mapping.")
+def info(model, as_json, tensors):
+    """Describe a model: architecture, parameters, bits per weight, quantization by type."""
+    from .convert.api import ensure_package
+    from .info import package_info, print_info
+
+    summary = package_info(ensure_package(model))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        print_info(summary, tensors=tensors)
+
+
+def main(argv=None):
+    """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except EdgertError as e:
+        if Context.debug:
+            raise
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # an unexpected failure: still one line without --debug
+        if Context.debug:
+            raise
+        click.secho(f"error: {type(e).__name__}: {e} (run with --debug for details)",
+                    fg="red", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

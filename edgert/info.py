@@ -1,0 +1,84 @@
+"""`edgert info`: a summary of an MLX package from its config.json and edgert.json."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .package import read_config
+
+
+def package_info(path: Path) -> dict:
+    config = read_config(path)
+    meta_file = path / "edgert.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    size = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
+    by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0.0})
+    params = 0
+    for name, t in meta.get("tensors", {}).items():
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        params += n
+        key = t["source_type"]
+        if "bits" in t:
+            key += f" → {t['bits']}-bit g{t['group_size']} ({t['class']})"
+        else:
+            key += f" → {t.get('dtype', '?')} ({t['class']})"
+        entry = by_type[key]
+        entry["tensors"] += 1
+        entry["parameters"] += n
+        entry["bytes"] += n * t["bits_per_weight"] / 8
+    q = config.get("quantization") or {}
+    return {
+        "path": str(path),
+        "architecture": config.get("model_type"),
+        "layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"),
+        "heads": f"{config.get('num_attention_heads')} (kv {config.get('num_key_value_heads')})",
+        "vocab_size": config.get("vocab_size"),
+        "context_length": config.get("max_position_embeddings"),
+        "parameters": params or None,
+        "size_bytes": size,
+        "bits_per_weight": round(8 * size / params, 3) if params else None,
+        "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q},
+        "by_type": dict(by_type),
+        "source": meta.get("source", {}),
+        "tensors": meta.get("tensors", {}),
+    }
+
+
+def print_info(s: dict, tensors: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = Table(show_header=False, box=None)
+    for label, key in [("path", "path"), ("architecture", "architecture"), ("layers", "layers"),
+                       ("hidden size", "hidden_size"), ("heads", "heads"),
+                       ("vocabulary", "vocab_size"), ("context", "context_length")]:
+        head.add_row(label, str(s[key]))
+    if s["parameters"]:
+        head.add_row("parameters", f"{s['parameters'] / 1e6:.1f} M")
+    head.add_row("size", f"{s['size_bytes'] / 2**20:.1f} MiB")
+    if s["bits_per_weight"]:
+        head.add_row("bits per weight", f"{s['bits_per_weight']:.3f}")
+    if s["source"]:
+        head.add_row("source", f"{s['source'].get('path', '?')} ({s['source'].get('format', '?')})")
+    console.print(head)
+    table = Table(title="quantization by type")
+    for col in ("source type → MLX", "tensors", "parameters", "MiB"):
+        table.add_column(col, justify="right" if col != "source type → MLX" else "left")
+    for key, e in sorted(s["by_type"].items(), key=lambda kv: -kv[1]["parameters"]):
+        table.add_row(key, str(e["tensors"]), f"{e['parameters']:,}", f"{e['bytes'] / 2**20:.1f}")
+    console.print(table)
+    if tensors:
+        t = Table(title="tensors")
+        for col in ("name", "source", "class", "bits", "max abs err", "bpw"):
+            t.add_column(col)
+        for name, e in s["tensors"].items():
+            bits = f"{e['bits']}b g{e['group_size']}" if "bits" in e else e.get("dtype", "")
+            t.add_row(name, e["source_type"], e["class"], bits, f"{e['max_abs_error']:.3g}",
+                      f"{e['bits_per_weight']:.3f}")
+        console.print(t)

@@ -46,11 +46,14 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
+    # Prefill all but the last token through the cache only: evaluating just the cache state
+    # leaves the (chunk, vocab) logits unevaluated, so the LM head runs for one position.
     y = prompt
-    while y.size > prefill_step_size:
-        model(y[None, :prefill_step_size], cache=cache)
+    while y.size > 1:
+        n = min(prefill_step_size, y.size - 1)
+        model(y[None, :n], cache=cache)
         mx.eval([c.state for c in cache])
-        y = y[prefill_step_size:]
+        y = y[n:]
 
     y, logprobs = step(y, first=True)
     mx.async_eval(y, logprobs)

@@ -70,3 +70,17 @@ def test_kv_cache_decode_matches_uncached(pair):
     for t in range(8, 40):
         step = np.array(model(mx.array(ids[:, t : t + 1]), cache=cache))[0, 0]
         assert rel_err(step, full[t]) < 1e-4, f"position {t}"
+
+
+@pytest.mark.parametrize("prefill_step", [4, 512])
+def test_greedy_generation_matches_transformers(pair, prefill_step):
+    from edgert.generation import generate_step
+
+    hf, model = pair
+    prompt = np.random.default_rng(2).integers(0, SMALL["vocab_size"], size=13)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt[None]), max_new_tokens=24, do_sample=False,
+                          min_new_tokens=24, pad_token_id=0)[0, len(prompt):].tolist()
+    ours = [t for t, _ in generate_step(mx.array(prompt, dtype=mx.uint32), model, max_tokens=24,
+                                        prefill_step_size=prefill_step)]
+    assert ours == ref

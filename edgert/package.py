@@ -61,8 +61,12 @@ def activation_dtype(weights: dict) -> mx.Dtype:
     return mx.float16
 
 
-def load_model(path: str | Path, lazy: bool = False) -> tuple[nn.Module, dict]:
-    """Build the model of an MLX package folder; returns (model, config)."""
+def load_model(path: str | Path, lazy: bool = False,
+               parallel: bool = True) -> tuple[nn.Module, dict]:
+    """Build the model of an MLX package folder; returns (model, config).
+
+    `parallel` splits large quantized matmuls across CPU cores (CPU backend only;
+    bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
     model_cls, args_cls = get_classes(config.get("model_type", "<missing>"))
@@ -80,6 +84,10 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[nn.Module, dict]:
     except ValueError as e:
         raise EdgertError(f"{path}: weights do not match the config ({e})") from None
     model.activation_dtype = activation_dtype(weights)
+    if parallel:
+        from .parallel import parallelize
+
+        parallelize(model)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

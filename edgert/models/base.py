@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 @dataclass
@@ -31,3 +32,13 @@ def causal_mask(n_new: int, offset: int, window: int | None = None) -> mx.array:
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
     """Fused attention with grouped-query broadcast. q (B, H, L, D); k, v (B, H_kv, S, D)."""
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def embed(embedding: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Look up (B, L) ids -> (B, L, dim) in `dtype`. A quantized table is dequantized in `dtype`
+    (MLX's own lookup computes scale * q + bias in the scales' dtype, which rounds in float16)."""
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return mx.dequantize(embedding["weight"][ids], embedding["scales"][ids].astype(dtype),
+                             embedding["biases"][ids].astype(dtype), embedding.group_size,
+                             embedding.bits, mode=embedding.mode)
+    return embedding(ids).astype(dtype)

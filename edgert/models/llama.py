@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, attention, causal_mask
+from .base import BaseModelArgs, attention, causal_mask, embed
 from .rope import initialize_rope
 
 
@@ -110,7 +110,7 @@ class LlamaModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None, dtype=mx.float32) -> mx.array:
-        h = self.embed_tokens(inputs).astype(dtype)  # (B, L, dim)
+        h = embed(self.embed_tokens, inputs, dtype)  # (B, L, dim)
         if cache is None:
             cache = [None] * len(self.layers)
         L = h.shape[1]

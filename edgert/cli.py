@@ -137,6 +137,55 @@ def info(model, as_json, tensors):
         print_info(summary, tensors=tensors)
 
 
+def int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "n_prompt", default="512", callback=int_list, help="Prompt lengths (pp), e.g. 128,512.")
+@click.option("-n", "n_gen", default="128", callback=int_list, help="Generation lengths (tg).")
+@click.option("-r", "reps", default=3, show_default=True, help="Repetitions after a warm-up.")
+@click.option("-d", "depths", default="0", callback=int_list, help="KV-cache depths, e.g. 0,512.")
+@click.option("--synthetic", default=None, help="Benchmark a random model built in quantized form: "
+              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b.")
+@click.option("--bits", default=4, show_default=True, help="Bits for --synthetic.")
+@click.option("--group-size", default=64, show_default=True, help="Group size for --synthetic.")
+@click.option("--json", "fmt", flag_value="json", help="Print JSON.")
+@click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")
+@click.option("--markdown", "fmt", flag_value="markdown", help="Print a Markdown table.")
+@click.option("--plot", "plot_dir", default=None, type=click.Path(), help="Write PNG charts here.")
+def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, fmt, plot_dir):
+    """Benchmark MODEL llama-bench style: pp/tg tok/s, memory, and the bandwidth ceiling."""
+    from rich.console import Console
+
+    from . import bench as b
+
+    if synthetic and model:
+        raise EdgertError("give either MODEL or --synthetic, not both")
+    console = Console(stderr=True)
+    report = b.run_bench(model, synthetic=synthetic, bits=bits, group_size=group_size,
+                         n_prompt=n_prompt, n_gen=n_gen, reps=reps, depths=depths,
+                         on_result=lambda r: console.print(
+                             f"[dim]{r.test} @ depth {r.depth}: {r.mean:.2f} tok/s[/dim]"))
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif fmt == "csv":
+        click.echo(b.to_csv(report), nl=False)
+    elif fmt == "markdown":
+        click.echo(b.to_markdown(report), nl=False)
+    else:
+        b.print_report(report)
+    if plot_dir:
+        for f in b.plot(report, plot_dir):
+            console.print(f"wrote {f}")
+    if not report.complete:
+        raise EdgertError(f"benchmark stopped early: {report.stopped_by}")
+
+
 def main(argv=None):
     """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
     try:

@@ -1,0 +1,443 @@
+"""`edgert bench`: llama-bench-style pp/tg tests, memory, and the bandwidth ceiling.
+
+Decode is bound by memory bandwidth: every decoded token reads every weight once plus the KV
+cache, so ceiling tok/s = bandwidth / bytes per token. Runs report the fraction reached.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import EdgertError
+from .generation import generate_step
+from .models.cache import make_cache
+
+# Unified-memory bandwidth of Apple chips, GB/s, as Apple specifies them (A-series: LPDDR
+# transfer rate x bus width, as reported). Projections from these are labelled as such.
+APPLE_BANDWIDTH_GBS = {
+    "M1": 68.25, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
+    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
+    "M3": 100, "M3 Pro": 150, "M3 Max": 400, "M3 Ultra": 819,
+    "M4": 120, "M4 Pro": 273, "M4 Max": 546,
+    "A17 Pro": 51.2, "A18 Pro": 60, "A19 Pro": 76.8,
+}
+
+# Published decode / prefill figures (shared/design.md), for context beside our own numbers.
+PUBLISHED = [
+    ("M4 Pro (273 GB/s)", "Bonsai 8B 1-bit, MLX", 131, 472),
+    ("M4 Pro", "Bonsai 8B Q1_0, llama.cpp Metal", "85–117", "~490"),
+    ("iPhone 17 Pro Max", "Bonsai 8B 1-bit, MLX Swift", 44, 377),
+    ("M1 Max", "Llama-3.1-8B Core ML int4, stateful KV", 33.7, None),
+    ("M4 Max", "Qwen3-4B 4-bit, mlx-lm", 134.5, 1622),
+    ("M4 Pro / M4 Max / M2 Ultra", "Llama-2-7B Q4_0, llama.cpp", "50.7 / 83.1 / 94.3", "440 / 886 / 1239"),
+]
+
+# Shapes of the synthetic models (HF config fields).
+SYNTHETIC = {
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36,
+                     intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                         intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, num_hidden_layers=36,
+                     intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=28,
+                       intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+}
+SYNTHETIC["bonsai-8b"] = SYNTHETIC["qwen3-8b"]  # Bonsai 8B is a 1-bit Qwen3-8B
+
+
+@dataclass
+class TestResult:
+    test: str  # llama-bench name: "pp512", "tg128"
+    depth: int  # tokens already in the KV cache
+    tokens_per_s: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.tokens_per_s) if self.tokens_per_s else 0.0
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.tokens_per_s) if len(self.tokens_per_s) > 1 else 0.0
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of K and V one position adds to the cache, over all layers."""
+    a = model.args
+    itemsize = 4 if model.activation_dtype == mx.float32 else 2
+    return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * itemsize
+
+
+def bytes_per_decoded_token(model: nn.Module, depth: int) -> int:
+    """Every weight once, plus the KV cache at this depth."""
+    return weight_bytes(model) + kv_bytes_per_token(model) * depth
+
+
+def measure_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """Device memory bandwidth in GB/s from a large copy through MLX (bytes read + written).
+    On the CPU backend the copy is split across one stream per core, as edgert's matmuls are."""
+    from .parallel import cpu_streams
+
+    n = max(1, min(os.cpu_count() or 1, 8)) if mx.default_device() == mx.cpu else 1
+    streams = cpu_streams(n) if n > 1 else [mx.default_stream(mx.default_device())]
+    parts = [mx.random.uniform(shape=(nbytes // 4 // n,)) for _ in range(n)]
+    mx.eval(parts)
+    best = 0.0
+    for _ in range(reps + 1):
+        tic = time.perf_counter()
+        out = [mx.multiply(p, 1.0001, stream=s) for p, s in zip(parts, streams)]
+        mx.eval(out)
+        dt = time.perf_counter() - tic
+        best = max(best, 2 * nbytes / dt / 1e9)
+        del out
+    return best
+
+
+def run_pp(model, n_prompt: int, depth: int) -> float:
+    """Prefill n_prompt tokens after `depth` tokens already cached; tokens per second."""
+    cache = make_cache(model)
+    vocab = model.args.vocab_size
+    if depth:
+        ctx = mx.random.randint(0, vocab, (1, depth))
+        model(ctx, cache=cache)
+        mx.eval([c.state for c in cache])
+    prompt = mx.random.randint(0, vocab, (1, n_prompt))
+    mx.eval(prompt)
+    tic = time.perf_counter()
+    for start in range(0, n_prompt, 512):
+        model(prompt[:, start:start + 512], cache=cache)
+        mx.eval([c.state for c in cache])
+    return n_prompt / (time.perf_counter() - tic)
+
+
+def run_tg(model, n_gen: int, depth: int) -> float:
+    """Generate n_gen tokens greedily after `depth` cached tokens; tokens per second."""
+    cache = make_cache(model)
+    vocab = model.args.vocab_size
+    prompt = mx.random.randint(0, vocab, (max(depth, 1),)).astype(mx.uint32)
+    gen = generate_step(prompt, model, max_tokens=n_gen + 1, prompt_cache=cache)
+    next(gen)  # prefill and the first token are not part of tg
+    tic = time.perf_counter()
+    count = sum(1 for _ in gen)
+    return count / (time.perf_counter() - tic)
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def synthetic_model(name: str, bits: int, group_size: int = 64):
+    """An 8B-class (or smaller) model built directly in quantized form from random bits.
+
+    MLX is lazy: the float weights a fresh QuantizedLinear would hold are replaced before
+    anything is evaluated, so no float copy of the weights is ever materialised."""
+    from .models import get_classes
+    from .package import activation_dtype
+
+    if name not in SYNTHETIC:
+        raise EdgertError(f"unknown synthetic model {name!r} (known: {', '.join(SYNTHETIC)})")
+    config = dict(SYNTHETIC[name], rms_norm_eps=1e-6, max_position_embeddings=40960)
+    model_cls, args_cls = get_classes(config["model_type"])
+    model = model_cls(args_cls.from_dict(config))
+    need = estimate_quantized_bytes(model, bits, group_size)
+    avail = available_memory_bytes()
+    if need > 0.8 * avail:
+        raise EdgertError(f"synthetic {name} at {bits}-bit needs ~{need / 2**30:.1f} GiB, "
+                          f"only {avail / 2**30:.1f} GiB available: refusing rather than swapping")
+    nn.quantize(model, group_size, bits)
+    params = []
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith(".weight") and v.dtype == mx.uint32:
+            v = mx.random.randint(-(2**31), 2**31 - 1, v.shape, dtype=mx.int32).view(mx.uint32)
+        elif k.endswith(".scales"):
+            v = (mx.random.uniform(shape=v.shape) * 0.02 / 2**bits).astype(mx.float16)
+        elif k.endswith(".biases"):
+            v = (mx.random.uniform(shape=v.shape) * -0.01).astype(mx.float16)
+        else:
+            v = mx.ones(v.shape, mx.float16)
+        params.append((k, v))
+    model.load_weights(params)
+    mx.eval(model.parameters())
+    model.activation_dtype = activation_dtype({})
+    model.eval()
+    return model, config
+
+
+def estimate_quantized_bytes(model: nn.Module, bits: int, group_size: int) -> int:
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            n = m.weight.size  # shape only: nothing is evaluated
+            total += n * bits // 8 + 2 * 2 * n // group_size
+    return total
+
+
+@dataclass
+class BenchReport:
+    model: str
+    backend: str
+    device: str
+    parameters: int
+    size_bytes: int
+    bits_per_weight: float
+    load_s: float
+    bandwidth_gbs: float = 0.0
+    ttft_s: float = 0.0
+    tests: list[TestResult] = field(default_factory=list)
+    peak_mlx_bytes: int = 0
+    peak_rss_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    complete: bool = False
+    stopped_by: str | None = None
+
+    def ceiling(self, depth: int) -> float:
+        """Bandwidth-bound decode tok/s on this device at this depth."""
+        per_token = self.size_bytes + self.kv_bytes_per_token * depth
+        return self.bandwidth_gbs * 1e9 / per_token if self.bandwidth_gbs else 0.0
+
+    def rows(self) -> list[dict]:
+        out = []
+        for t in self.tests:
+            row = {"test": t.test, "depth": t.depth, "tok_s": round(t.mean, 3),
+                   "std": round(t.std, 3), "reps": len(t.tokens_per_s)}
+            if t.test.startswith("tg") and self.bandwidth_gbs:
+                ceil = self.ceiling(t.depth)
+                row.update(ceiling_tok_s=round(ceil, 2), pct_of_ceiling=round(100 * t.mean / ceil, 1))
+            out.append(row)
+        return out
+
+    def projections(self, depth: int = 0) -> list[dict]:
+        """This package's decode ceiling on Apple chips, from their bandwidth (projections)."""
+        per_token = self.size_bytes + self.kv_bytes_per_token * depth
+        return [{"chip": chip, "bandwidth_gbs": bw, "ceiling_tok_s": round(bw * 1e9 / per_token, 1)}
+                for chip, bw in APPLE_BANDWIDTH_GBS.items()]
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "tests"}
+        d["results"] = self.rows()
+        d["projections"] = self.projections()
+        return d
+
+
+def load_for_bench(model_arg: str | None, synthetic: str | None, bits: int, group_size: int):
+    """(model, label, size in bytes) for a package / GGUF / the default, or a synthetic model."""
+    from pathlib import Path
+
+    if synthetic:
+        model, _ = synthetic_model(synthetic, bits, group_size)
+        return model, f"synthetic {synthetic} {bits}-bit g{group_size}", weight_bytes(model)
+    from .convert.api import ensure_package
+    from .package import load_model
+
+    path = ensure_package(model_arg)
+    model, _ = load_model(path)
+    size = sum(f.stat().st_size for f in Path(path).glob("model*.safetensors"))
+    return model, str(path), size
+
+
+def run_bench(model_arg: str | None = None, *, synthetic: str | None = None, bits: int = 4,
+              group_size: int = 64, n_prompt: list[int] = (512,), n_gen: list[int] = (128,),
+              reps: int = 3, depths: list[int] = (0,), warmup: bool = True,
+              on_result=None) -> BenchReport:
+    """Run the tests; an interruption or an out-of-memory error returns what was measured so
+    far with `stopped_by` set."""
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    model, label, size = load_for_bench(model_arg, synthetic, bits, group_size)
+    load_s = time.perf_counter() - tic
+    params = sum(_param_count(m) for _, m in model.named_modules() if _is_weight_layer(m))
+    report = BenchReport(
+        model=label, backend=str(mx.default_device()).split("(")[-1].split(",")[0],
+        device=mx.device_info().get("device_name", "?") if hasattr(mx, "device_info") else "?",
+        parameters=params, size_bytes=size, bits_per_weight=round(8 * size / max(params, 1), 3),
+        load_s=round(load_s, 3), kv_bytes_per_token=kv_bytes_per_token(model))
+    try:
+        report.bandwidth_gbs = round(measure_bandwidth(), 2)
+        if warmup:
+            run_pp(model, 16, 0)
+            run_tg(model, 2, 0)
+        t0 = time.perf_counter()
+        g = generate_step(mx.random.randint(0, model.args.vocab_size, (n_prompt[0],)).astype(
+            mx.uint32), model, max_tokens=1)
+        next(g)
+        report.ttft_s = round(time.perf_counter() - t0, 4)
+        g.close()
+        for depth in depths:
+            for p in n_prompt:
+                r = TestResult(f"pp{p}", depth)
+                report.tests.append(r)
+                for _ in range(reps):
+                    r.tokens_per_s.append(run_pp(model, p, depth))
+                if on_result:
+                    on_result(r)
+            for n in n_gen:
+                r = TestResult(f"tg{n}", depth)
+                report.tests.append(r)
+                for _ in range(reps):
+                    r.tokens_per_s.append(run_tg(model, n, depth))
+                if on_result:
+                    on_result(r)
+        report.complete = True
+    except KeyboardInterrupt:
+        report.stopped_by = "interrupted"
+    except (MemoryError, RuntimeError) as e:
+        if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        report.stopped_by = f"out of memory: {e}"
+    report.tests = [t for t in report.tests if t.tokens_per_s]
+    report.peak_mlx_bytes = mx.get_peak_memory()
+    report.peak_rss_bytes = rss_peak_bytes()
+    return report
+
+
+def _is_weight_layer(m) -> bool:
+    return isinstance(m, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding))
+
+
+def _param_count(m) -> int:
+    w = m["weight"]
+    bits = getattr(m, "bits", None)
+    return w.size * 32 // bits if bits and w.dtype == mx.uint32 else w.size
+
+
+# ---------------------------------------------------------------------------- reports
+
+def to_csv(report: BenchReport) -> str:
+    import csv
+    import io
+
+    rows = report.rows()
+    buf = io.StringIO()
+    cols = ["model", "backend", "test", "depth", "tok_s", "std", "reps", "ceiling_tok_s",
+            "pct_of_ceiling"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(dict(r, model=report.model, backend=report.backend))
+    return buf.getvalue()
+
+
+def to_markdown(report: BenchReport) -> str:
+    lines = [f"**{report.model}** — {report.backend} ({report.device}), "
+             f"{report.size_bytes / 2**20:.1f} MiB, {report.bits_per_weight} bpw, "
+             f"measured bandwidth {report.bandwidth_gbs} GB/s", "",
+             "| test | depth | tok/s | ceiling tok/s | % of ceiling |", "|---|---:|---:|---:|---:|"]
+    for r in report.rows():
+        lines.append(f"| {r['test']} | {r['depth']} | {r['tok_s']:.2f} ± {r['std']:.2f} | "
+                     f"{r.get('ceiling_tok_s', '')} | {r.get('pct_of_ceiling', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report: BenchReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"{report.model} · {report.backend} ({report.device})")
+    for col in ("test", "depth", "tok/s", "ceiling tok/s", "% of ceiling"):
+        t.add_column(col, justify="right" if col != "test" else "left")
+    for r in report.rows():
+        t.add_row(r["test"], str(r["depth"]), f"{r['tok_s']:.2f} ± {r['std']:.2f}",
+                  f"{r['ceiling_tok_s']:.1f}" if "ceiling_tok_s" in r else "",
+                  f"{r['pct_of_ceiling']:.1f}%" if "pct_of_ceiling" in r else "")
+    console.print(t)
+    console.print(
+        f"load {report.load_s:.2f} s · time to first token {report.ttft_s * 1e3:.0f} ms · "
+        f"peak MLX {report.peak_mlx_bytes / 2**20:.0f} MiB · peak RSS "
+        f"{report.peak_rss_bytes / 2**20:.0f} MiB · size {report.size_bytes / 2**20:.1f} MiB · "
+        f"{report.parameters / 1e6:.1f} M params · {report.bits_per_weight} bpw · "
+        f"bandwidth {report.bandwidth_gbs} GB/s (measured)")
+    p = Table(title="projection: this package's decode ceiling on Apple chips (bandwidth ÷ bytes "
+                    "per token, depth 0)")
+    for col in ("chip", "GB/s", "ceiling tok/s"):
+        p.add_column(col, justify="right" if col != "chip" else "left")
+    for r in report.projections():
+        p.add_row(r["chip"], f"{r['bandwidth_gbs']:g}", f"{r['ceiling_tok_s']:.1f}")
+    console.print(p)
+    pub = Table(title="published figures for reference (not measured here)")
+    for col in ("device", "model", "decode tok/s", "prefill tok/s"):
+        pub.add_column(col)
+    for dev, model, tg, pp in PUBLISHED:
+        pub.add_row(dev, model, str(tg), str(pp or "–"))
+    console.print(pub)
+    m4 = APPLE_BANDWIDTH_GBS["M4 Pro"] * 1e9 / report.size_bytes
+    console.print(f"On an M4 Pro (273 GB/s) this package's ceiling is {m4:.0f} tok/s "
+                  f"(projection); Bonsai 8B reached 131.")
+    if report.stopped_by:
+        console.print(f"[red]stopped early ({report.stopped_by}); results above are partial[/red]")
+
+
+def plot(report: BenchReport, out_dir) -> list:
+    """PNG charts: decode vs depth, prefill vs prompt length, and a roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    tg = [t for t in report.tests if t.test.startswith("tg")]
+    pp = [t for t in report.tests if t.test.startswith("pp")]
+    if tg:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        depths = sorted({t.depth for t in tg})
+        ax.errorbar(depths, [statistics.mean([t.mean for t in tg if t.depth == d]) for d in depths],
+                    yerr=[max(t.std for t in tg if t.depth == d) for d in depths], marker="o",
+                    label="measured")
+        ax.plot(depths, [report.ceiling(d) for d in depths], "--", label="bandwidth ceiling")
+        ax.set(xlabel="depth (tokens in KV cache)", ylabel="decode tok/s", title=report.model)
+        ax.legend()
+        written.append(out_dir / "decode_vs_depth.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if pp:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lengths = [int(t.test[2:]) for t in pp if t.depth == pp[0].depth]
+        ax.errorbar(lengths, [t.mean for t in pp if t.depth == pp[0].depth],
+                    yerr=[t.std for t in pp if t.depth == pp[0].depth], marker="o")
+        ax.set(xlabel="prompt length (tokens)", ylabel="prefill tok/s", title=report.model)
+        written.append(out_dir / "prefill_vs_length.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if tg and report.bandwidth_gbs:
+        # Roofline in tokens: achieved bytes/s against the measured bandwidth.
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for t in tg:
+            bytes_tok = report.size_bytes + report.kv_bytes_per_token * t.depth
+            ax.bar(f"{t.test}@{t.depth}", t.mean * bytes_tok / 1e9)
+        ax.axhline(report.bandwidth_gbs, color="red", linestyle="--", label="measured bandwidth")
+        ax.set(ylabel="effective GB/s read", title="decode roofline")
+        ax.legend()
+        written.append(out_dir / "roofline.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return written

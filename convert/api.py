@@ -1,0 +1,79 @@
+"""Conversion entry points: a checkpoint in, an MLX package folder out."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edgert.errors import EdgertError
+from edgert.paths import cached_package_for, default_model_gguf
+
+from .canonical import CanonicalModel, TensorRecord
+from .gguf_reader import read_gguf
+from .mlx_writer import OutputExistsError, write_mlx_package
+
+
+def read_source(src: Path) -> CanonicalModel:
+    """The CanonicalModel of a checkpoint: a GGUF file, or an HF folder with config.json."""
+    src = Path(src)
+    if src.is_dir():
+        if not (src / "config.json").is_file():
+            raise EdgertError(f"{src}: a folder without config.json is not a model")
+        from .hf_reader import read_hf_folder
+
+        return read_hf_folder(src)
+    return read_gguf(src)
+
+
+@contextmanager
+def _progress(total: int, label: str,
+              enabled: bool) -> Iterator[Callable[[TensorRecord], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda record: bar.advance(task)
+
+
+def convert_file(src: Path, out: Path, *, force: bool = False, progress: bool = True) -> Path:
+    """Convert a checkpoint (a .gguf file; an HF model folder) into an MLX package at `out`.
+
+    An existing `out` is refused unless `force`; nothing is left behind on failure."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists (use --force to replace it)")
+    model = read_source(src)
+    with _progress(model.tensor_count, f"converting {src.name}", progress) as on_tensor:
+        return write_mlx_package(model, out, force=force, on_tensor=on_tensor)
+
+
+def ensure_package(model: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The MLX package folder for `model`: a package folder as is; a .gguf file converted once
+    into edgert's cache (edgert.paths.cached_package_for) and reused; None for the default
+    model (SmolLM2-135M-Instruct)."""
+    src = default_model_gguf() if model is None else Path(model).expanduser()
+    if src.is_dir():
+        if (src / "config.json").is_file():
+            return src
+        raise EdgertError(f"{src} is not an MLX package (no config.json)")
+    if not src.exists():
+        raise EdgertError(f"{src}: no such file or folder")
+    if src.suffix.lower() != ".gguf":
+        raise EdgertError(f"{src}: expected a .gguf file or an MLX package folder")
+    cache = cached_package_for(src)
+    if (cache / "config.json").is_file():
+        return cache
+    try:
+        # a leftover folder without config.json is not a package: replace it
+        return convert_file(src, cache, force=cache.exists(), progress=progress)
+    except OutputExistsError:
+        if (cache / "config.json").is_file():  # a concurrent conversion finished first
+            return cache
+        raise

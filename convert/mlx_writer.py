@@ -1,0 +1,191 @@
+"""CanonicalModel -> MLX package folder (the layout mlx-lm writes and loads).
+
+    OUT/config.json              HF config + "quantization" (defaults, per-module overrides)
+    OUT/model.safetensors        or model-0000i-of-0000N.safetensors + model.safetensors.index.json
+    OUT/tokenizer.json, ...      the tokenizer files of the canonical model
+    OUT/edgert.json              provenance, per-tensor report, totals
+
+A quantized tensor `X.weight` is stored as `X.weight` (uint32 w_q), `X.scales`, `X.biases`;
+float tensors keep their dtype. The package is built in a temporary sibling folder and moved
+into place with os.replace once complete, so an interrupted conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgert.errors import EdgertError
+
+from .canonical import CanonicalModel, QuantTensor, TensorRecord
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 2 << 30
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "uint32": "U32",
+              "uint16": "U16", "uint8": "U8", "int32": "I32", "int16": "I16", "int8": "I8",
+              "int64": "I64", "bool": "BOOL"}
+
+
+class OutputExistsError(EdgertError):
+    """The output folder exists and replacing it was not asked for."""
+
+
+def save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write a safetensors file, streaming each array from where it lives (no full copy)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, a in arrays.items():
+        if a.dtype.name not in _ST_DTYPES:
+            raise EdgertError(f"tensor {name}: dtype {a.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in arrays.values():
+            f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).data)
+
+
+def _arrays(record: TensorRecord) -> dict[str, np.ndarray]:
+    v = record.value
+    if not isinstance(v, QuantTensor):
+        return {record.name: v}
+    if not record.name.endswith(".weight"):
+        raise EdgertError(f"quantized tensor {record.name} is not a .weight")
+    module = record.name.removesuffix(".weight")
+    return {f"{module}.weight": v.w_q, f"{module}.scales": v.scales, f"{module}.biases": v.biases}
+
+
+def quantization_config(quantized: dict[str, QuantTensor]) -> dict | None:
+    """config.json's "quantization": the (bits, group, mode) with most parameters as the
+    default, plus an override for each module path that differs from it."""
+    if not quantized:
+        return None
+    count: Counter = Counter()
+    for q in quantized.values():
+        count[(q.bits, q.group_size, q.mode)] += int(np.prod(q.shape))
+    bits, group, mode = count.most_common(1)[0][0]
+    out: dict = {"group_size": group, "bits": bits, "mode": mode}
+    for module, q in quantized.items():
+        if (q.bits, q.group_size, q.mode) != (bits, group, mode):
+            out[module] = {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
+    return out
+
+
+def _totals(records: list[dict]) -> dict:
+    by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
+    for r in records:
+        entry = by_type[r["source_type"]]
+        entry["tensors"] += 1
+        entry["parameters"] += r["parameters"]
+        entry["bytes"] += r["bytes"]
+    params = sum(r["parameters"] for r in records)
+    size = sum(r["bytes"] for r in records)
+    return {"tensors": len(records), "parameters": params, "bytes": size,
+            "bits_per_weight": round(8 * size / max(params, 1), 4),
+            "by_source_type": dict(by_type)}
+
+
+def write_mlx_package(model: CanonicalModel, out: Path, *, force: bool = False,
+                      on_tensor: Callable[[TensorRecord], None] | None = None,
+                      shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write `model` as an MLX package folder at `out` and return `out`.
+
+    An existing `out` is refused (OutputExistsError) unless `force`. Tensors are pulled one at
+    a time and written in shards of at most `shard_bytes` (one shard -> model.safetensors).
+    `on_tensor` is called after each tensor (progress)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        _write(model, tmp, on_tensor, shard_bytes)
+        _move_into_place(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = []
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+    quantized: dict[str, QuantTensor] = {}
+    reports: dict[str, dict] = {}
+    totals: list[dict] = []
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            save_safetensors(folder / f"shard-{len(shards):05d}.tmp", pending, {"format": "mlx"})
+            shards.append({k: v.nbytes for k, v in pending.items()})
+            pending, pending_bytes = {}, 0
+
+    for record in model.tensors():
+        arrays = _arrays(record)
+        size = sum(a.nbytes for a in arrays.values())
+        if pending and pending_bytes + size > shard_bytes:
+            flush()
+        pending.update(arrays)
+        pending_bytes += size
+        if isinstance(record.value, QuantTensor):
+            quantized[record.name.removesuffix(".weight")] = record.value
+        reports[record.name] = record.report()
+        totals.append({"source_type": record.source_type, "bytes": size,
+                       "parameters": int(np.prod(record.shape))})
+        if on_tensor is not None:
+            on_tensor(record)
+    flush()
+    if not shards:
+        raise EdgertError("the model has no tensors")
+
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for i, name in enumerate(names):
+        os.replace(folder / f"shard-{i:05d}.tmp", folder / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sum(s.values()) for s in shards)},
+                 "weight_map": {k: name for name, s in zip(names, shards) for k in sorted(s)}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    config = dict(model.config)
+    if (quant := quantization_config(quantized)) is not None:
+        config["quantization"] = quant
+        config["quantization_config"] = dict(quant)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name, data in model.tokenizer_files.items():
+        (folder / name).write_bytes(data)
+    meta = {"format_version": FORMAT_VERSION, "source": model.source, "totals": _totals(totals),
+            "tensors": reports}
+    (folder / "edgert.json").write_text(json.dumps(meta, indent=2))
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    old = None
+    if force and out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None and not out.exists():
+            os.replace(old / out.name, out)  # put the previous package back
+        elif out.exists():  # another writer finished first
+            raise OutputExistsError(f"{out} already exists (use --force to replace it)") from None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -334,12 +334,8 @@ def _file_type(value: int | None) -> str | int | None:
 
 
 def _tokenizer_files(reader: GGUFReader) -> dict[str, bytes]:
-    if "tokenizer.ggml.model" not in reader.fields:
+    if "tokenizer.ggml.model" not in reader.fields:  # e.g. a weights-only test file
         return {}
-    try:
-        from .gguf_tokenizer import tokenizer_files_from_gguf
-    except ModuleNotFoundError as e:  # written in parallel; until then, no tokenizer files
-        if e.name != "edgert.convert.gguf_tokenizer":
-            raise
-        return {}
+    from .gguf_tokenizer import tokenizer_files_from_gguf
+
     return tokenizer_files_from_gguf(reader)

@@ -495,7 +495,6 @@ def test_convert_file_reads_hf_folders(tmp_path):
 
 
 def test_tokenizer_files_are_written(smollm_gguf, smollm_package):
-    pytest.importorskip("edgert.convert.gguf_tokenizer")
     files = read_gguf(smollm_gguf).tokenizer_files
     assert files
     for name, data in files.items():

@@ -1,0 +1,726 @@
+"""Core ML writer: a stateful, multifunction `.mlpackage` built with the MIL Builder straight
+from the canonical tensors (no torch tracing). llama / mistral / qwen2 / qwen3.
+
+The package (the contract the Swift side reads, also written to the manifest):
+
+    functions  prefill  input_ids (1, L) int32, 1 <= L <= context (RangeDim)
+               decode   input_ids (1, 1) int32            (the default function)
+    inputs     position     (1,) int32   sequence index of input_ids[0, 0]
+               causal_mask  (1, 1, L, context) fp16, additive: 0 where key j <= position + i,
+                            MASK_VALUE (-1e4, finite) elsewhere, unwritten cache slots included
+    states     key_cache, value_cache  (n_layers, n_kv_heads, context, head_dim) fp16, one per
+               kind for all layers, shared by both functions
+    output     logits (1, 1, vocab) fp32 for the last input position
+
+Each function reads each cache once and threads the updated value through the layers:
+`read_state -> slice_update(layer 0) -> coreml_update_state -> slice_update(layer 1) -> ...`,
+so no pass can merge a later layer's read into an earlier one (the `remove_redundant_ops`
+pitfall), and each `slice_update` is followed by its own `coreml_update_state` before the next
+one (two pending updates crash `canonicalize_inplace_pattern`).
+
+Numerics: everything is fp16. RMSNorm divides x by max|x| first, so the mean of squares lies in
+[1/d, 1] and cannot overflow whatever the residual stream holds:
+    y = x / m, m = max(max|x|, 2^-14);  out = w * y * rsqrt(mean(y^2) + (sqrt(eps) / m)^2)
+which equals w * x * rsqrt(mean(x^2) + eps). Attention is the fused
+`scaled_dot_product_attention` with grouped-query heads folded into the query length
+(q (1, H, L, D) -> (1, n_kv, n_rep * L, D), the mask tiled n_rep times): the op has no GQA
+broadcast. RoPE uses constant (context, head_dim) cos / signed-sin tables (llama3 and linear
+scaling folded in) gathered at position + arange(L).
+
+Weights: MLX affine tensors w = s*q + b map onto iOS18 constexpr ops (see `encode_quant`); the
+report classifies each tensor as exact / widened / requantized / float with its max abs error
+against the canonical dequantization and its bits per weight measured in weight.bin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgert.errors import EdgertError, UnsupportedError
+
+from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
+
+MANIFEST_FORMAT = "edgert-coreml"
+MANIFEST_VERSION = 1
+MANIFEST_AUTHOR = "com.edgert"  # package items live in <pkg>/Data/com.edgert/
+MASK_VALUE = -1e4  # additive mask value; finite so fp16 softmax never sees -inf - -inf
+FUNCTIONS = ("prefill", "decode")
+STATES = ("key_cache", "value_cache")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+TARGETS = ("iOS18", "iOS26")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arch:
+    """What the graph needs from an HF config (parsed by the runtime's own ModelArgs)."""
+
+    model_type: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    inv_freq: np.ndarray  # (head_dim // 2,) float64, rope scaling applied
+    max_positions: int | None
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Arch":
+        model_type = config.get("model_type", "<missing>")
+        if model_type not in SUPPORTED:
+            raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
+                                   f"(supported: {', '.join(SUPPORTED)})")
+        from edgert.models import get_classes
+
+        _, args_cls = get_classes(model_type)
+        try:
+            a = args_cls.from_dict(config)
+        except TypeError as e:
+            raise EdgertError(f"config.json: {e}") from None
+        if a.rope_traditional:
+            raise UnsupportedError("Core ML export: traditional (interleaved) RoPE")
+        return cls(model_type, a.num_hidden_layers, a.hidden_size, a.num_attention_heads,
+                   a.num_key_value_heads, a.head_dim, a.vocab_size, a.rms_norm_eps,
+                   rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling),
+                   a.max_position_embeddings, bool(a.tie_word_embeddings))
+
+
+def rope_inv_freq(dims: int, base: float, scaling: dict | None) -> np.ndarray:
+    """(dims // 2,) inverse frequencies, as edgert.models.rope computes them."""
+    inv = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type in ("default", None):
+        return inv
+    if rope_type == "linear":
+        return inv / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        freqs = 1.0 / inv  # wavelength / 2pi
+        wavelens = 2 * np.pi * freqs
+        scaled = np.where(wavelens > old_ctx / low, freqs * factor, freqs)
+        medium = (wavelens > old_ctx / high) & (wavelens < old_ctx / low)
+        smooth = (old_ctx / wavelens - low) / (high - low)
+        scaled = np.where(medium, freqs / ((1 - smooth) / factor + smooth), scaled)
+        return 1.0 / scaled
+    raise UnsupportedError(f"Core ML export: unsupported rope scaling type {rope_type!r}")
+
+
+def rope_tables(inv_freq: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and signed sin, each (context, head_dim) fp16, for rotate-half RoPE:
+    rope(x) = x * cos + swap_halves(x) * sin_signed, sin_signed = [-sin, sin]."""
+    angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq[None, :]  # (ctx, D/2)
+    cos, sin = np.cos(angles), np.sin(angles)
+    return (np.concatenate([cos, cos], axis=1).astype(np.float16),
+            np.concatenate([-sin, sin], axis=1).astype(np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: canonical tensors -> constexpr ops
+# ---------------------------------------------------------------------------------------------
+
+
+def unpack_bits(w_q: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """(rows, cols * bits // 32) uint32 little-endian bitstreams -> (rows, cols) uint8."""
+    rows = w_q.shape[0]
+    raw = np.ascontiguousarray(w_q).view(np.uint8)  # (rows, cols * bits // 8), LSB first
+    if bits == 8:
+        return raw.copy()
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = (np.arange(per, dtype=np.uint8) * bits)[None, None, :]
+        q = (raw[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)  # (rows, bytes, per)
+        return q.reshape(rows, cols)
+    b = np.unpackbits(raw, axis=1, bitorder="little").reshape(rows, cols, bits)
+    return (b.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
+
+
+def dequantize(t: QuantTensor) -> np.ndarray:
+    """The canonical weight s*q + b in float32 (what the MLX runtime computes with)."""
+    rows, cols = t.shape
+    q = unpack_bits(t.w_q, t.bits, cols).reshape(rows, -1, t.group_size).astype(np.float32)
+    s = t.scales.astype(np.float32)[:, :, None]
+    b = t.biases.astype(np.float32)[:, :, None]
+    return (s * q + b).reshape(rows, cols)
+
+
+@dataclass
+class Encoded:
+    """One weight as Core ML constexpr inputs (or a plain fp16 const)."""
+
+    kind: str  # "fp16" | "shift_scale" | "lut" | "lut_scale"
+    arrays: dict  # op input name -> numpy array (sub-byte data as uint8 values)
+    dtypes: dict  # op input name -> MIL sub-byte dtype name ("uint4", "uint1", ...)
+    description: str  # e.g. "shift_scale uint4 g32 offset uint4"
+    mapping: str  # exact | widened | requantized | float
+    max_abs_error: float
+    shape: tuple
+
+    def emit(self, name: str):
+        """Create the op(s) inside the current MIL function; returns the (fp16) weight Var."""
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        def arr(key):
+            a = self.arrays[key]
+            dtype = self.dtypes.get(key)
+            if dtype in (None, "uint8", "int8"):
+                return a.astype(dtype) if dtype else a
+            return a.astype(getattr(types, f"np_{dtype}_dtype"))  # sub-byte: uint8 tagged
+
+        if self.kind == "fp16":
+            return mb.const(val=self.arrays["val"], name=name)
+        if self.kind == "shift_scale":
+            kw = dict(data=arr("data"), scale=self.arrays["scale"])
+            if "offset" in self.arrays:
+                kw["offset"] = arr("offset")
+            return mb.constexpr_blockwise_shift_scale(**kw, name=name)
+        if self.kind == "lut":
+            return mb.constexpr_lut_to_dense(indices=arr("indices"), lut=self.arrays["lut"],
+                                             name=name)
+        if self.kind == "lut_scale":  # int8 palette -> per-block scale (iOS26 keeps this order)
+            q = mb.constexpr_lut_to_dense(indices=arr("indices"), lut=self.arrays["lut"],
+                                          name=name + "_palette")
+            return mb.constexpr_blockwise_shift_scale(data=q, scale=self.arrays["scale"],
+                                                      name=name)
+        raise AssertionError(self.kind)
+
+
+def encode_float(a: np.ndarray) -> Encoded:
+    h = a.astype(np.float16)
+    err = float(np.abs(h.astype(np.float32) - a.astype(np.float32)).max()) if a.size else 0.0
+    return Encoded("fp16", {"val": h}, {}, "fp16", FLOAT, err, tuple(a.shape))
+
+
+def _fits(z: np.ndarray, lo: int, hi: int) -> bool:
+    return bool(np.all(z == np.round(z)) and z.min() >= lo and z.max() <= hi)
+
+
+def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
+    """MLX affine w = s*q + b (per row x group) as a Core ML constexpr.
+
+    bits 1, 2, 3   constexpr_lut_to_dense, a palette of the 2**bits values fl16(s*k + b) per
+                   (row, group) block: exact for any scale dtype. With target iOS26 and
+                   -b/s the same constant c in every block (Q1_0: 1/2, TQ2_0 / BitNet: 1), a
+                   global int8 palette k*(q - c) followed by a per-block scale s/k: 1.125 bpw.
+    bits 4         constexpr_blockwise_shift_scale, uint4 data, w = s * (q - z), z = -b/s.
+    bits 5, 6, 8   the same with uint8 data (5 and 6 bits: widened).
+    z is stored in the data's integer type when every z is an integer in range, else as fp16;
+    exact when s * z == -b holds exactly for all blocks, else requantized (error reported).
+    """
+    if t.mode != "affine":
+        raise UnsupportedError(f"Core ML export: quantization mode {t.mode!r}")
+    if t.bits not in (1, 2, 3, 4, 5, 6, 8):
+        raise UnsupportedError(f"Core ML export: {t.bits}-bit weights")
+    rows, cols = t.shape
+    g = t.group_size
+    q = unpack_bits(t.w_q, t.bits, cols)  # (rows, cols) uint8
+    s64, b64 = t.scales.astype(np.float64), t.biases.astype(np.float64)  # (rows, cols // g)
+    ref = dequantize(t)  # (rows, cols) float32
+
+    if t.bits <= 3:
+        z = -b64 / np.where(s64 == 0, 1, s64)
+        c = z.flat[0] if z.size else 0.0
+        if target == "iOS26" and t.bits <= 2 and np.all(z == c):
+            k = next((k for k in (1, 2, 4) if k * c == round(k * c)), None)
+            levels = k * (np.arange(2**t.bits) - c) if k else None
+            scale = (s64 / k).astype(np.float16) if k else None
+            if (k and np.all(np.abs(levels) <= 127)
+                    and np.all(scale.astype(np.float64) * k == s64)):
+                enc = Encoded("lut_scale", {
+                    "indices": q,
+                    "lut": levels.astype(np.int8).reshape(1, 1, -1, 1),  # (1, 1, 2**bits, 1)
+                    "scale": scale,  # (rows, cols // g)
+                }, {"indices": f"uint{t.bits}"},
+                    f"lut_scale uint{t.bits} int8 palette {levels.astype(int).tolist()} g{g}",
+                    EXACT, 0.0, (rows, cols))
+                return _with_error(enc, ref)
+        levels = np.arange(2**t.bits, dtype=np.float32)
+        lut = (t.scales.astype(np.float32)[:, :, None] * levels
+               + t.biases.astype(np.float32)[:, :, None])  # (rows, cols // g, 2**bits)
+        enc = Encoded("lut", {"indices": q, "lut": lut.astype(np.float16)[..., None]},
+                      {"indices": f"uint{t.bits}"},
+                      f"lut uint{t.bits} per (row, {g}) block", EXACT, 0.0, (rows, cols))
+        return _with_error(enc, ref)
+
+    data_bits = 4 if t.bits == 4 else 8
+    data_dtype = f"uint{data_bits}"
+    scale = t.scales.astype(np.float16)
+    s16 = scale.astype(np.float64)
+    z = -b64 / np.where(s16 == 0, 1, s16)  # (rows, cols // g)
+    exact_scale = np.array_equal(s16, s64)
+    widened = WIDENED if data_bits != t.bits else EXACT
+
+    def candidate(offset: np.ndarray, integer: bool) -> Encoded:
+        exact = exact_scale and np.all(offset.astype(np.float64) * s16 == -b64)
+        dtypes = {"data": data_dtype, **({"offset": data_dtype} if integer else {})}
+        desc = f"shift_scale {data_dtype} g{g} offset {data_dtype if integer else 'fp16'}"
+        enc = Encoded("shift_scale", {"data": q, "scale": scale, "offset": offset}, dtypes,
+                      desc, widened if exact else REQUANTIZED, 0.0, (rows, cols))
+        return _with_error(enc, ref)
+
+    z_int = np.round(z)
+    options = []
+    if _fits(z_int, 0, 2**data_bits - 1):
+        options.append(candidate(z_int.astype(np.uint8), integer=True))
+        if options[0].mapping != REQUANTIZED:
+            return options[0]  # exact with an integer offset: the smallest form
+    options.append(candidate(z.astype(np.float16), integer=False))
+    exact = [o for o in options if o.mapping != REQUANTIZED]
+    return exact[0] if exact else min(options, key=lambda o: o.max_abs_error)
+
+
+def decompress(enc: Encoded) -> np.ndarray:
+    """The fp16 weight Core ML materialises (the interpreter's kernels, on the raw arrays)."""
+    from .mil_interpreter import lut_to_dense, shift_scale
+
+    a = enc.arrays
+    if enc.kind == "fp16":
+        return a["val"]
+    if enc.kind == "shift_scale":
+        return shift_scale(a["data"], a["scale"], a.get("offset"))
+    if enc.kind == "lut":
+        return lut_to_dense(a["indices"], a["lut"])
+    if enc.kind == "lut_scale":
+        return shift_scale(lut_to_dense(a["indices"], a["lut"]), a["scale"], None)
+    raise AssertionError(enc.kind)
+
+
+def _with_error(enc: Encoded, ref: np.ndarray) -> Encoded:
+    enc.max_abs_error = float(np.abs(decompress(enc).astype(np.float32) - ref).max())
+    return enc
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph
+# ---------------------------------------------------------------------------------------------
+
+
+def _h(x: float) -> np.float16:
+    return np.float16(x)
+
+
+def _op_name(tensor_name: str) -> str:
+    """MIL op name of a weight: the HF name with dots as underscores."""
+    return tensor_name.replace(".", "_")
+
+
+class _Graph:
+    """Emits one function's ops; weights are created as consts inside each function (both
+    functions get the same arrays, which save_multifunction de-duplicates)."""
+
+    def __init__(self, arch: Arch, weights: dict[str, Encoded], context: int):
+        from coremltools.converters.mil import Builder as mb
+
+        self.mb, self.arch, self.weights, self.context = mb, arch, weights, context
+        self._vars: dict = {}
+
+    def w(self, name: str):
+        """The Var of HF tensor `name`, created on first use."""
+        if name not in self._vars:
+            self._vars[name] = self.weights[name].emit(_op_name(name))
+        return self._vars[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+    def linear(self, x, prefix: str):
+        bias = self.w(f"{prefix}.bias") if self.has(f"{prefix}.bias") else None
+        return self.mb.linear(x=x, weight=self.w(f"{prefix}.weight"), bias=bias)
+
+    def rms_norm(self, x, weight_name: str):
+        """RMSNorm over the last axis, overflow-free in fp16 (see the module docstring)."""
+        mb = self.mb
+        m = mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True)  # (..., 1)
+        m = mb.maximum(x=m, y=_h(2.0**-14))
+        y = mb.real_div(x=x, y=m)  # |y| <= 1
+        ms = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)  # [1/d, 1]
+        r = mb.real_div(x=_h(np.sqrt(self.arch.eps)), y=m)
+        inv = mb.rsqrt(x=mb.add(x=ms, y=mb.mul(x=r, y=r)), epsilon=_h(0.0))
+        return mb.mul(x=mb.mul(x=y, y=inv), y=self.w(weight_name))
+
+    def rope(self, x, cos, sin):
+        """x (1, heads, L, D); cos, sin (L, D)."""
+        mb = self.mb
+        x1, x2 = mb.split(x=x, num_splits=2, axis=-1)
+        swapped = mb.concat(values=[x2, x1], axis=-1)
+        return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=swapped, y=sin))
+
+    def build(self, input_ids, position, mask, k_state, v_state, decode: bool):
+        mb, a, ctx = self.mb, self.arch, self.context
+        H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
+        n_rep = H // KV
+
+        embed = self.w("model.embed_tokens.weight")  # (vocab, hid)
+        x = mb.gather(x=embed, indices=input_ids, axis=0)  # (1, L, hid)
+        # positions of this chunk: position + arange(L)
+        if decode:
+            pos = position  # (1,)
+        else:
+            n = mb.gather(x=mb.shape(x=input_ids), indices=1, axis=0)  # scalar L
+            pos = mb.add(x=mb.range_1d(start=0, end=n, step=1), y=position)  # (L,)
+        cos_t, sin_t = rope_tables(a.inv_freq, ctx)
+        cos = mb.gather(x=cos_t, indices=pos, axis=0)  # (L, D)
+        sin = mb.gather(x=sin_t, indices=pos, axis=0)
+        end = mb.add(x=position, y=mb.gather(x=mb.shape(x=input_ids), indices=[1], axis=0))
+        if n_rep > 1:
+            mask = mb.tile(x=mask, reps=[1, 1, n_rep, 1])  # (1, 1, n_rep * L, ctx)
+
+        k_cache = mb.read_state(input=k_state)  # (n_layers, KV, ctx, D)
+        v_cache = mb.read_state(input=v_state)
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}"
+            h = self.rms_norm(x, f"{p}.input_layernorm.weight")
+            q = mb.reshape(x=self.linear(h, f"{p}.self_attn.q_proj"), shape=[1, -1, H, D])
+            k = mb.reshape(x=self.linear(h, f"{p}.self_attn.k_proj"), shape=[1, -1, KV, D])
+            v = mb.reshape(x=self.linear(h, f"{p}.self_attn.v_proj"), shape=[1, -1, KV, D])
+            if self.has(f"{p}.self_attn.q_norm.weight"):
+                q = self.rms_norm(q, f"{p}.self_attn.q_norm.weight")
+                k = self.rms_norm(k, f"{p}.self_attn.k_norm.weight")
+            q = self.rope(mb.transpose(x=q, perm=[0, 2, 1, 3]), cos, sin)  # (1, H, L, D)
+            k = self.rope(mb.transpose(x=k, perm=[0, 2, 1, 3]), cos, sin)  # (1, KV, L, D)
+            v = mb.transpose(x=v, perm=[0, 2, 1, 3])
+
+            # write this chunk into layer i's slots [position, position + L)
+            begin = mb.concat(values=[np.array([i, 0], np.int32), position,
+                                      np.array([0], np.int32)], axis=0)
+            stop = mb.concat(values=[np.array([i + 1, KV], np.int32), end,
+                                     np.array([D], np.int32)], axis=0)
+            k_cache = mb.slice_update(x=k_cache, update=k, begin=begin, end=stop)
+            k_cache = mb.coreml_update_state(state=k_state, value=k_cache)
+            v_cache = mb.slice_update(x=v_cache, update=v, begin=begin, end=stop)
+            v_cache = mb.coreml_update_state(state=v_state, value=v_cache)
+            keys = mb.slice_by_index(x=k_cache, begin=[i, 0, 0, 0], end=[i + 1, KV, ctx, D])
+            values = mb.slice_by_index(x=v_cache, begin=[i, 0, 0, 0], end=[i + 1, KV, ctx, D])
+
+            qg = mb.reshape(x=q, shape=[1, KV, -1, D])  # (1, KV, n_rep * L, D)
+            o = mb.scaled_dot_product_attention(query=qg, key=keys, value=values,
+                                                attn_mask=mask)
+            o = mb.transpose(x=mb.reshape(x=o, shape=[1, H, -1, D]), perm=[0, 2, 1, 3])
+            o = mb.reshape(x=o, shape=[1, -1, H * D])  # (1, L, H * D)
+            x = mb.add(x=x, y=self.linear(o, f"{p}.self_attn.o_proj"))
+
+            h = self.rms_norm(x, f"{p}.post_attention_layernorm.weight")
+            gate = mb.silu(x=self.linear(h, f"{p}.mlp.gate_proj"))
+            up = self.linear(h, f"{p}.mlp.up_proj")
+            x = mb.add(x=x, y=self.linear(mb.mul(x=gate, y=up), f"{p}.mlp.down_proj"))
+
+        if not decode:  # last position only
+            x = mb.slice_by_index(x=x, begin=[0, -1, 0], end=[1, 0, a.hidden],
+                                  end_mask=[False, True, False])  # (1, 1, hid)
+        x = self.rms_norm(x, "model.norm.weight")
+        head = "lm_head" if self.has("lm_head.weight") else "model.embed_tokens"
+        logits = mb.linear(x=x, weight=self.w(f"{head}.weight"))  # (1, 1, vocab)
+        if unused := sorted(set(self.weights) - set(self._vars)):
+            raise UnsupportedError(f"Core ML export: {len(unused)} tensors the {a.model_type} "
+                                   f"graph does not use, e.g. {unused[0]}")
+        return mb.cast(x=logits, dtype="fp32", name="logits")
+
+
+def build_program(arch: Arch, weights: dict[str, Encoded], context: int, function: str,
+                  target: str = "iOS18"):
+    """One single-function MIL program ("main") for `function` in FUNCTIONS."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
+
+    decode = function == "decode"
+    L = 1 if decode else get_new_symbol()
+    cache = (arch.n_layers, arch.n_kv_heads, context, arch.head_dim)
+    specs = {
+        "input_ids": mb.TensorSpec((1, L), types.int32),
+        "position": mb.TensorSpec((1,), types.int32),
+        "causal_mask": mb.TensorSpec((1, 1, L, context), types.fp16),
+        STATES[0]: mb.StateTensorSpec(cache, types.fp16),
+        STATES[1]: mb.StateTensorSpec(cache, types.fp16),
+    }
+    with Function(specs, opset_version=getattr(ct.target, target)) as func:
+        i = func.inputs
+        logits = _Graph(arch, weights, context).build(
+            i["input_ids"], i["position"], i["causal_mask"], i[STATES[0]], i[STATES[1]], decode)
+        func.set_outputs([logits])
+    prog = Program()
+    prog.add_function("main", func)
+    return prog
+
+
+@contextlib.contextmanager
+def _quiet_passes():
+    """Silence coremltools' per-pipeline progress bars while we convert."""
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    saved = pass_pipeline.tqdm
+    pass_pipeline.tqdm = lambda it, **_: it
+    try:
+        yield
+    finally:
+        pass_pipeline.tqdm = saved
+
+
+def convert_program(prog, function: str, context: int, target: str, pipeline=None):
+    """MIL program -> MLModel (not loaded: Core ML cannot run on Linux)."""
+    import coremltools as ct
+
+    L = 1 if function == "decode" else ct.RangeDim(1, context, 1)
+    inputs = [ct.TensorType(name="input_ids", shape=(1, L), dtype=np.int32),
+              ct.TensorType(name="position", shape=(1,), dtype=np.int32),
+              ct.TensorType(name="causal_mask", shape=(1, 1, L, context), dtype=np.float16)]
+    with _quiet_passes():
+        return ct.convert(prog, inputs=inputs,
+                          minimum_deployment_target=getattr(ct.target, target),
+                          compute_precision=ct.precision.FLOAT32,  # the program is fp16 already
+                          pass_pipeline=pipeline or ct.PassPipeline.DEFAULT,
+                          skip_model_load=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Package
+# ---------------------------------------------------------------------------------------------
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _chat_template(files: dict[str, bytes]) -> str | None:
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode()
+    if "tokenizer_config.json" in files:
+        tpl = json.loads(files["tokenizer_config.json"]).get("chat_template")
+        if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
+            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+        return tpl
+    return None
+
+
+def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: str,
+                   summary: dict) -> dict:
+    """The contract a Swift app reads (also stored in the model's user-defined metadata)."""
+    cfg = canonical.config
+    files = canonical.tokenizer_files
+    gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
+    eos = _token_ids(cfg.get("eos_token_id"))
+    stop = sorted(set(eos) | set(_token_ids(gen.get("eos_token_id"))))
+    L = -1  # flexible: 1 <= L <= context
+    cache = [arch.n_layers, arch.n_kv_heads, context, arch.head_dim]
+
+    def io(decode: bool) -> dict:
+        n = 1 if decode else L
+        return {
+            "inputs": [
+                {"name": "input_ids", "shape": [1, n], "dtype": "int32"},
+                {"name": "position", "shape": [1], "dtype": "int32"},
+                {"name": "causal_mask", "shape": [1, 1, n, context], "dtype": "float16"},
+            ],
+            "outputs": [{"name": "logits", "shape": [1, 1, arch.vocab], "dtype": "float32"}],
+            "states": [{"name": s, "shape": cache, "dtype": "float16"} for s in STATES],
+        }
+
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "model_type": arch.model_type,
+        "target": target,
+        "context_length": context,
+        "vocab_size": arch.vocab,
+        "num_hidden_layers": arch.n_layers,
+        "num_key_value_heads": arch.n_kv_heads,
+        "head_dim": arch.head_dim,
+        "functions": {"prefill": dict(io(False), min_length=1, max_length=context),
+                      "decode": io(True)},
+        "default_function": "decode",
+        "causal_mask": {"masked_value": MASK_VALUE, "visible_value": 0.0,
+                        "rule": "row i (token at position+i) sees key j iff j <= position+i"},
+        "bos_token_id": cfg.get("bos_token_id"),
+        "eos_token_id": eos,
+        "stop_token_ids": stop,
+        "pad_token_id": cfg.get("pad_token_id"),
+        "chat_template": _chat_template(files),
+        "tokenizer_files": [f"tokenizer/{n}" for n in sorted(files)],
+        "quantization": summary,
+        "bits_per_weight": summary.get("bits_per_weight"),
+        "source": {k: v for k, v in canonical.source.items() if isinstance(v, (str, int, float))},
+    }
+
+
+def _add_item(pkg_path: Path, src: Path, name: str, description: str) -> None:
+    """Register a file or folder as an item of the package (<pkg>/Data/com.edgert/<name>)."""
+    from coremltools.libmodelpackage import ModelPackage
+
+    ModelPackage(str(pkg_path)).addItem(str(src), name, MANIFEST_AUTHOR, description)
+
+
+def _set_metadata(pkg_path: Path, manifest: dict, canonical: CanonicalModel) -> None:
+    """Write the manifest into the root spec's metadata, in place (no package copy)."""
+    from coremltools.libmodelpackage import ModelPackage
+    from coremltools.proto import Model_pb2
+
+    spec_path = Path(ModelPackage(str(pkg_path)).getRootModel().path())
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    meta = spec.description.metadata
+    name = canonical.config.get("_name_or_path") or canonical.config.get("model_type", "model")
+    meta.shortDescription = f"{name} for edgert (Core ML, stateful KV cache)"
+    meta.userDefined["edgert.manifest"] = json.dumps(manifest)
+    meta.userDefined["edgert.format_version"] = str(MANIFEST_VERSION)
+    spec_path.write_bytes(spec.SerializeToString())
+
+
+def write_coreml(canonical: CanonicalModel, out: Path, *, context: int = 2048,
+                 target: str = "iOS18", force: bool = False) -> dict:
+    """Write `canonical` as a stateful multifunction Core ML package at `out` (.mlpackage).
+
+    `context` is the KV cache length (at most the model's max_position_embeddings); `target`
+    "iOS18" or "iOS26" (adds the 1.125-bpw LUT -> scale chain for Q1_0 / ternary weights).
+    Returns the report: per-tensor representation, class, max abs error and bits per weight
+    (measured in weight.bin), totals and timings. Writes to a temporary folder next to `out`
+    and renames it when complete; refuses an existing `out` unless `force`. Raises
+    EdgertError / UnsupportedError (one line) for what it cannot express.
+    """
+    t0 = time.time()
+    out = Path(out)
+    if out.suffix != ".mlpackage":
+        raise EdgertError(f"{out}: a Core ML package path must end in .mlpackage")
+    if out.exists() and not force:
+        raise EdgertError(f"{out} exists (use --force to overwrite)")
+    if target not in TARGETS:
+        raise UnsupportedError(f"Core ML export: target {target!r} "
+                               f"(supported: {', '.join(TARGETS)})")
+    arch = Arch.from_config(canonical.config)
+    if context < 1:
+        raise EdgertError(f"context must be positive, got {context}")
+    if arch.max_positions and context > arch.max_positions:
+        raise EdgertError(f"context {context} exceeds the model's max_position_embeddings "
+                          f"({arch.max_positions})")
+    if arch.n_heads % arch.n_kv_heads:
+        raise UnsupportedError("Core ML export: attention heads not a multiple of KV heads")
+
+    weights, records = {}, {}
+    for rec in canonical.tensors():
+        if "rotary_emb.inv_freq" in rec.name:
+            continue
+        v = rec.value
+        enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
+        weights[rec.name], records[rec.name] = enc, rec
+    if "model.embed_tokens.weight" not in weights:
+        raise EdgertError("the model has no model.embed_tokens.weight")
+    if arch.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in weights:
+        raise EdgertError("the model has no lm_head.weight and does not tie embeddings")
+    t_encode = time.time() - t0
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
+
+        desc = MultiFunctionDescriptor()
+        t_convert = time.time()
+        for fn in FUNCTIONS:
+            prog = build_program(arch, weights, context, fn, target)
+            convert_program(prog, fn, context, target).save(str(work / f"{fn}.mlpackage"))
+            desc.add_function(str(work / f"{fn}.mlpackage"), "main", fn)
+        desc.default_function_name = "decode"
+        pkg = work / out.name
+        with _quiet_passes():
+            save_multifunction(desc, str(pkg))
+        t_convert = time.time() - t_convert
+
+        tensors, summary = _tensor_report(pkg, weights, records)
+        manifest = build_manifest(canonical, arch, context, target, summary)
+        item = work / "edgert"
+        (item / "tokenizer").mkdir(parents=True)
+        for name, data in canonical.tokenizer_files.items():
+            (item / "tokenizer" / name).write_bytes(data)
+        (item / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _add_item(pkg, item / "manifest.json", "manifest.json", "edgert manifest")
+        _add_item(pkg, item / "tokenizer", "tokenizer", "tokenizer files")
+        _set_metadata(pkg, manifest, canonical)
+
+        if out.exists():  # --force: move the old package aside, deleted with `work`
+            os.replace(out, work / "replaced")
+        os.replace(pkg, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    return {
+        "format": "coreml",
+        "path": str(out),
+        "manifest": str(manifest_path(out)),
+        "target": target,
+        "context": context,
+        "functions": list(FUNCTIONS),
+        "tensors": tensors,
+        "summary": summary,
+        "seconds": {"encode": round(t_encode, 3), "convert": round(t_convert, 3),
+                    "total": round(time.time() - t0, 3)},
+    }
+
+
+def manifest_path(pkg: Path) -> Path:
+    """Where write_coreml puts the manifest inside a package (tokenizer/ lies next to it).
+    Not at the package root: there, `manifest.json` and Core ML's own `Manifest.json`
+    collide on case-insensitive file systems (macOS default)."""
+    return Path(pkg) / "Data" / MANIFEST_AUTHOR / "manifest.json"
+
+
+def _tensor_report(pkg: Path, weights: dict[str, Encoded], records: dict) -> tuple[dict, dict]:
+    """Per-tensor report with bits per weight measured in the package's weight.bin."""
+    from .mil_interpreter import weight_blob_bytes
+
+    blob = weight_blob_bytes(pkg, function="decode")  # op name -> bytes of its blob inputs
+    tensors, counts = {}, {}
+    total_bytes = total_n = 0
+    for name, enc in weights.items():
+        rec = records[name]
+        n = int(np.prod(enc.shape))
+        nbytes = blob.get(_op_name(name), 0)
+        tensors[name] = {
+            "source_name": rec.source_name,
+            "source_type": rec.source_type,
+            "source_class": rec.mapping,
+            "coreml": enc.description,
+            "class": enc.mapping,
+            "shape": list(enc.shape),
+            "max_abs_error": enc.max_abs_error,
+            "bits_per_weight": round(8 * nbytes / max(n, 1), 4),
+        }
+        if rec.note:
+            tensors[name]["note"] = rec.note
+        if nbytes == 0:
+            tensors[name]["note"] = "not in weight.bin (inline, or folded away by coremltools)"
+        counts[enc.description] = counts.get(enc.description, 0) + 1
+        total_bytes += nbytes
+        total_n += n
+    classes = {}
+    for t in tensors.values():
+        classes[t["class"]] = classes.get(t["class"], 0) + 1
+    summary = {
+        "representations": counts,
+        "classes": classes,
+        "weight_bytes": total_bytes,
+        "parameters": total_n,
+        "bits_per_weight": round(8 * total_bytes / max(total_n, 1), 4),
+        "max_abs_error": max((t["max_abs_error"] for t in tensors.values()), default=0.0),
+    }
+    return tensors, summary

@@ -79,6 +79,9 @@ def load_model(path: str | Path, lazy: bool = False,
     weights = model.sanitize(weights)
     if (q := config.get("quantization")) is not None:
         apply_quantization(model, q, weights)
+    from .layers import swap_layers
+
+    swap_layers(model, weights, config)  # GPTQ act-order inputs, BitNet linear layers
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

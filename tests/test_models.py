@@ -24,6 +24,12 @@ CONFIGS = {
     "mistral": (transformers.MistralConfig, dict(SMALL, head_dim=32)),
     "qwen2": (transformers.Qwen2Config, dict(SMALL, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(SMALL, head_dim=32, tie_word_embeddings=False)),
+    # a window shorter than the prompts; query_pre_attn_scalar != head_dim; sqrt(48) is not
+    # a round number, so the embedding scale's dtype shows; linear rope on global layers only
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        SMALL, hidden_size=48, head_dim=16, num_hidden_layers=4, sliding_window=8,
+        sliding_window_pattern=2, query_pre_attn_scalar=24, final_logit_softcapping=5.0,
+        rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
 
@@ -84,3 +90,26 @@ def test_greedy_generation_matches_transformers(pair, prefill_step):
     ours = [t for t, _ in generate_step(mx.array(prompt, dtype=mx.uint32), model, max_tokens=24,
                                         prefill_step_size=prefill_step)]
     assert ours == ref
+
+
+def test_gemma3_mlx_lm_gives_the_same_logits(tmp_path):
+    """mlx-lm's gemma3_text reads the same package (it knows no softcapping or rope scaling,
+    and rounds the embedding scale to bfloat16: sqrt(64) = 8 is exact there)."""
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    kw = dict(SMALL, head_dim=16, num_hidden_layers=4, sliding_window=8, sliding_window_pattern=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(**kw),
+                                                       dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    ids = np.random.default_rng(3).integers(0, SMALL["vocab_size"], size=(1, 30))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.array(load_model(tmp_path)[0](mx.array(ids)))
+    theirs = np.array(mlx_lm_load(tmp_path)[0](mx.array(ids)))
+    assert rel_err(ours, ref) < 1e-4
+    assert rel_err(ours, theirs) < 1e-5

@@ -1,0 +1,200 @@
+"""Gemma 3 text models: HF model_type "gemma3_text" (Gemma3ForCausalLM).
+
+Llama-shaped attention with q/k RMSNorm, a norm before and after both the attention and the
+GELU-tanh MLP, embeddings scaled by sqrt(hidden_size), RMSNorm weights stored as w with
+(1 + w) applied, and sliding-window layers (own rope base) interleaved with global ones.
+
+The KV cache of a sliding layer is a full cache with a windowed mask: correct, and trimmable
+for chat turns, but it does not save the memory a rotating window cache would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import UnsupportedError
+from .base import BaseModelArgs, attention, causal_mask, embed
+from .rope import initialize_rope
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    head_dim: int = 256
+    num_key_value_heads: int | None = None
+    rms_norm_eps: float = 1e-6
+    query_pre_attn_scalar: float = 256
+    sliding_window: int | None = 4096
+    sliding_window_pattern: int = 6  # older configs; `layer_types` wins where present
+    layer_types: list[str] | None = None
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_base_freq: float = 10_000.0  # sliding layers
+    rope_scaling: dict | None = None  # global layers only
+    rope_parameters: dict | None = None  # transformers >= 5: {layer type: {rope_theta, ...}}
+    max_position_embeddings: int | None = None
+    final_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    use_bidirectional_attention: bool | None = False
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.layer_types is None:
+            n = self.sliding_window_pattern
+            self.layer_types = [SLIDING if (i + 1) % n else FULL
+                                for i in range(self.num_hidden_layers)]
+        if not self.sliding_window:
+            self.layer_types = [FULL] * self.num_hidden_layers
+        if self.rope_parameters:
+            full = self.rope_parameters.get(FULL) or {}
+            local = self.rope_parameters.get(SLIDING) or {}
+            self.rope_theta = full.get("rope_theta", self.rope_theta)
+            self.rope_local_base_freq = local.get("rope_theta", self.rope_local_base_freq)
+            if full.get("rope_type", "default") != "default":
+                self.rope_scaling = full
+            if local.get("rope_type", "default") != "default":
+                raise UnsupportedError("rope scaling on sliding-window layers is not supported")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise UnsupportedError(f"gemma3 activation {self.hidden_activation!r} is not supported")
+        if self.use_bidirectional_attention:
+            raise UnsupportedError("bidirectional (embedding) Gemma 3 models are not supported")
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the stored weight w scales by (1 + w)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        dim, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.scale = args.query_pre_attn_scalar**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
+        self.q_norm = RMSNorm(hd, args.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+        if layer_type == SLIDING:
+            self.rope = initialize_rope(hd, args.rope_local_base_freq)
+        else:
+            self.rope = initialize_rope(hd, args.rope_theta, False, args.rope_scaling,
+                                        args.max_position_embeddings)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, H*D) -> (B, H, L, D), q/k normalised per head before rope
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.self_attn = Attention(args, layer_type)
+        self.mlp = MLP(args)
+        dim, eps = args.hidden_size, args.rms_norm_eps
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.pre_feedforward_layernorm = RMSNorm(dim, eps)
+        self.post_feedforward_layernorm = RMSNorm(dim, eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args, t) for t in args.layer_types]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None, dtype=mx.float32) -> mx.array:
+        h = embed(self.embed_tokens, inputs, dtype)  # (B, L, dim)
+        h = h * mx.array(self.args.hidden_size**0.5, dtype)  # the scale rounded to `dtype`, as HF
+        if cache is None:
+            cache = [None] * len(self.layers)
+        L = h.shape[1]
+        offset = cache[0].offset if cache[0] is not None else 0
+        masks = {FULL: causal_mask(L, offset) if L > 1 else None}
+        if (window := self.args.sliding_window) is not None:
+            masks[SLIDING] = causal_mask(L, offset, window) if L > 1 or offset >= window else None
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, masks[layer.layer_type], c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.activation_dtype = mx.float32
+        self.model = Gemma3Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """(B, L) token ids -> (B, L, vocab) logits."""
+        h = self.model(inputs, cache, self.activation_dtype)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if cap := self.args.final_logit_softcapping:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def sanitize(self, weights: dict) -> dict:
+        if self.args.tie_word_embeddings:
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights
+
+    @property
+    def layers(self):
+        return self.model.layers

@@ -3,7 +3,7 @@ from the canonical tensors (no torch tracing). llama / mistral / qwen2 / qwen3.
 
 The package (the contract the Swift side reads, also written to the manifest):
 
-    functions  prefill  input_ids (1, L) int32, 1 <= L <= context (RangeDim)
+    functions  prefill  input_ids (1, L) int32, 1 <= L <= min(context, PREFILL_MAX) (RangeDim)
                decode   input_ids (1, 1) int32            (the default function)
     inputs     position     (1,) int32   sequence index of input_ids[0, 0]
                causal_mask  (1, 1, L, context) fp16, additive: 0 where key j <= position + i,
@@ -57,6 +57,12 @@ FUNCTIONS = ("prefill", "decode")
 STATES = ("key_cache", "value_cache")
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 TARGETS = ("iOS18", "iOS26")
+DEFAULT_CONTEXT = 2048
+PREFILL_MAX = 512  # longest prefill chunk: bounds the (L, context) mask and attention scores
+# Largest KV cache (both states) a package may declare, per target: an iOS app is killed near
+# 3.5 GB on 8 GB iPhones without the increased-memory entitlement, ~6 GB with it, and the
+# weights need room too. macOS 15 / 26 run the same packages (same limit).
+MAX_KV_BYTES = {"iOS18": 4 << 30, "iOS26": 4 << 30}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +484,7 @@ def convert_program(prog, function: str, context: int, target: str, pipeline=Non
     """MIL program -> MLModel (not loaded: Core ML cannot run on Linux)."""
     import coremltools as ct
 
-    L = 1 if function == "decode" else ct.RangeDim(1, context, 1)
+    L = 1 if function == "decode" else ct.RangeDim(1, prefill_max(context), 1)
     inputs = [ct.TensorType(name="input_ids", shape=(1, L), dtype=np.int32),
               ct.TensorType(name="position", shape=(1,), dtype=np.int32),
               ct.TensorType(name="causal_mask", shape=(1, 1, L, context), dtype=np.float16)]
@@ -520,7 +526,7 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
     gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
     eos = _token_ids(cfg.get("eos_token_id"))
     stop = sorted(set(eos) | set(_token_ids(gen.get("eos_token_id"))))
-    L = -1  # flexible: 1 <= L <= context
+    L = -1  # flexible: 1 <= L <= prefill_max(context)
     cache = [arch.n_layers, arch.n_kv_heads, context, arch.head_dim]
 
     def io(decode: bool) -> dict:
@@ -545,7 +551,8 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
         "num_hidden_layers": arch.n_layers,
         "num_key_value_heads": arch.n_kv_heads,
         "head_dim": arch.head_dim,
-        "functions": {"prefill": dict(io(False), min_length=1, max_length=context),
+        "functions": {"prefill": dict(io(False), min_length=1,
+                                         max_length=prefill_max(context)),
                       "decode": io(True)},
         "default_function": "decode",
         "causal_mask": {"masked_value": MASK_VALUE, "visible_value": 0.0,
@@ -585,11 +592,42 @@ def _set_metadata(pkg_path: Path, manifest: dict, canonical: CanonicalModel) -> 
     spec_path.write_bytes(spec.SerializeToString())
 
 
-def write_coreml(canonical: CanonicalModel, out: Path, *, context: int = 2048,
+def prefill_max(context: int) -> int:
+    return min(context, PREFILL_MAX)
+
+
+def kv_cache_bytes(arch: Arch, context: int) -> int:
+    """Both fp16 states: (n_layers, n_kv_heads, context, head_dim) each."""
+    return 2 * arch.n_layers * arch.n_kv_heads * context * arch.head_dim * 2
+
+
+def check_context(arch: Arch, context: int, target: str) -> None:
+    """Refuse a context the model or the target cannot hold (one-line EdgertError)."""
+    if context < 1:
+        raise EdgertError(f"context must be positive, got {context}")
+    if arch.max_positions and context > arch.max_positions:
+        raise EdgertError(f"context {context} exceeds the model's max_position_embeddings "
+                          f"({arch.max_positions})")
+    kv, limit = kv_cache_bytes(arch, context), MAX_KV_BYTES[target]
+    if kv > limit:
+        most = context * limit // kv
+        raise EdgertError(f"context {context} needs a {kv / 2**30:.1f} GiB KV cache, over the "
+                          f"{limit / 2**30:.0f} GiB a {target} package may hold: use "
+                          f"--context {most} or less")
+
+
+def default_context(arch: Arch, target: str) -> int:
+    """DEFAULT_CONTEXT, or less where the model or the target's KV limit allows less."""
+    ctx = min(DEFAULT_CONTEXT, arch.max_positions or DEFAULT_CONTEXT)
+    return max(1, min(ctx, ctx * MAX_KV_BYTES[target] // kv_cache_bytes(arch, ctx)))
+
+
+def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = None,
                  target: str = "iOS18", force: bool = False) -> dict:
     """Write `canonical` as a stateful multifunction Core ML package at `out` (.mlpackage).
 
-    `context` is the KV cache length (at most the model's max_position_embeddings); `target`
+    `context` is the KV cache length (default DEFAULT_CONTEXT or the model's limit; at most
+    the model's max_position_embeddings and MAX_KV_BYTES of cache); `target`
     "iOS18" or "iOS26" (adds the 1.125-bpw LUT -> scale chain for Q1_0 / ternary weights).
     Returns the report: per-tensor representation, class, max abs error and bits per weight
     (measured in weight.bin), totals and timings. Writes to a temporary folder next to `out`
@@ -606,11 +644,8 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int = 2048,
         raise UnsupportedError(f"Core ML export: target {target!r} "
                                f"(supported: {', '.join(TARGETS)})")
     arch = Arch.from_config(canonical.config)
-    if context < 1:
-        raise EdgertError(f"context must be positive, got {context}")
-    if arch.max_positions and context > arch.max_positions:
-        raise EdgertError(f"context {context} exceeds the model's max_position_embeddings "
-                          f"({arch.max_positions})")
+    context = default_context(arch, target) if context is None else int(context)
+    check_context(arch, context, target)
     if arch.n_heads % arch.n_kv_heads:
         raise UnsupportedError("Core ML export: attention heads not a multiple of KV heads")
 
@@ -675,6 +710,25 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int = 2048,
         "seconds": {"encode": round(t_encode, 3), "convert": round(t_convert, 3),
                     "total": round(time.time() - t0, 3)},
     }
+
+
+def convert_to_coreml(src: Path, out: Path, *, context: int | None = None,
+                      target: str = "iOS18", force: bool = False, **options) -> dict:
+    """Read a checkpoint (GGUF file or HF folder; `options` go to `read_source`) and write it
+    as a Core ML package at `out`; returns write_coreml's report. Cheap refusals (an existing
+    output, a bad suffix or target) come before the source is read."""
+    from .api import read_source
+
+    out = Path(out)
+    if out.suffix != ".mlpackage":
+        raise EdgertError(f"{out}: a Core ML package path must end in .mlpackage")
+    if out.exists() and not force:
+        raise EdgertError(f"{out} exists (use --force to overwrite)")
+    if target not in TARGETS:
+        raise UnsupportedError(f"Core ML export: target {target!r} "
+                               f"(supported: {', '.join(TARGETS)})")
+    canonical = read_source(Path(src), **options)
+    return write_coreml(canonical, out, context=context, target=target, force=force)
 
 
 def manifest_path(pkg: Path) -> Path:

@@ -438,22 +438,57 @@ class InterpreterSession:
         self.package = package if isinstance(package, Package) else load_package(package)
         self.states: dict[str, np.ndarray] = {}
         self._constants: dict[tuple[str, str], Any] = {}  # (function, var) -> value
-        self._constants_f32: dict[tuple[str, str], np.ndarray] = {}  # fp16 ones, upcast once
+        self._constants_f32: dict[int, np.ndarray] = {}  # id(fp16 constant) -> upcast once
+        self._by_op: dict[str, tuple[list, np.ndarray]] = {}  # op name -> (inputs, value)
         self.reset()
+
+    def _const_inputs(self, op, env: dict) -> list:
+        return [env[v.name] if v.name in env else v.val
+                for v in op.inputs.values() if not isinstance(v, (list, tuple))]
+
+    def _shared_constexpr(self, op, env: dict):
+        """The value another function already decompressed for an op of the same name and
+        identical inputs (multifunction packages share weights), else None."""
+        hit = self._by_op.get(op.outputs[0].name)
+        if hit is None:
+            return None
+        mine = self._const_inputs(op, env)
+        same = len(mine) == len(hit[0]) and all(
+            np.shape(a) == np.shape(b) and np.asarray(a).dtype == np.asarray(b).dtype
+            and np.array_equal(a, b) for a, b in zip(mine, hit[0]))
+        return hit[1] if same else None
 
     def reset(self) -> None:
         """Zero every state (a fresh MLState)."""
+        self.states = self.make_state()
+
+    def make_state(self) -> dict[str, np.ndarray]:
+        """A fresh set of zeroed states (name -> array), like `MLModel.make_state()`: pass it
+        to `predict(..., state=)` to keep several conversations apart."""
         from coremltools.converters.mil.mil import types
 
-        self.states = {}
+        states = {}
         for func in self.package.program.functions.values():
             for name, var in func.inputs.items():
                 if types.is_state(var.sym_type):
                     t = var.sym_type.wrapped_type()
-                    self.states[name] = np.zeros(t.get_shape(), _np_dtype(t.get_primitive()))
+                    states[name] = np.zeros(t.get_shape(), _np_dtype(t.get_primitive()))
+        return states
 
-    def predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `function` on `inputs`; returns its outputs by name, updating the states."""
+    def predict(self, function: str, inputs: dict[str, np.ndarray],
+                state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run `function` on `inputs`; returns its outputs by name, updating the states
+        (`state` from make_state(), else the session's own)."""
+        if state is None:
+            return self._predict(function, inputs)
+        saved, self.states = self.states, state
+        try:
+            return self._predict(function, inputs)
+        finally:
+            state.update(self.states)
+            self.states = saved
+
+    def _predict(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from coremltools.converters.mil.mil import types
 
         try:
@@ -480,10 +515,15 @@ class InterpreterSession:
         if t == "const" or t.startswith("constexpr_"):
             key = (function, outs[0].name)
             if key not in self._constants:
-                value = (outs[0].val if t == "const"
-                         else self._call(function, op, env, raw=True))
+                if t == "const":
+                    value = outs[0].val
+                elif (shared := self._shared_constexpr(op, env)) is not None:
+                    value = shared
+                else:
+                    value = self._call(function, op, env, raw=True)
                 self._constants[key] = np.asarray(value).astype(_np_dtype(outs[0].dtype),
                                                                 copy=False)
+                self._by_op[outs[0].name] = (self._const_inputs(op, env), self._constants[key])
             env[outs[0].name] = self._constants[key]
             return
         if t == "read_state":  # kernels never write into their inputs: aliasing is safe
@@ -510,12 +550,12 @@ class InterpreterSession:
         def value(var):
             v = env[var.name] if var.name in env else var.val
             if not raw and isinstance(v, np.ndarray) and v.dtype == np.float16:
-                key = (function, var.name)
-                if key not in self._constants:
+                const = self._constants.get((function, var.name))
+                if const is None:
                     return v.astype(np.float32)
-                if key not in self._constants_f32:
-                    self._constants_f32[key] = v.astype(np.float32)
-                return self._constants_f32[key]
+                if id(const) not in self._constants_f32:  # shared by functions: upcast once
+                    self._constants_f32[id(const)] = v.astype(np.float32)
+                return self._constants_f32[id(const)]
             if not raw and isinstance(v, np.float16):
                 return np.float32(v)
             return v

@@ -481,4 +481,67 @@ def test_refusals(exported, tmp_path):
     gemma = CanonicalModel(dict(canonical.config, model_type="gemma3"), canonical.tensors, 0)
     with pytest.raises(UnsupportedError, match="gemma3"):
         write_coreml(gemma, tmp_path / "g.mlpackage", context=CONTEXT)
+    # a context the model allows but whose KV cache (2 states x 2 layers x 2 heads x 32 x fp16
+    # = 512 bytes per position) is over the target's limit
+    long = CanonicalModel(dict(canonical.config, max_position_embeddings=1 << 24),
+                          canonical.tensors, 0)
+    with pytest.raises(EdgertError, match=r"8\.0 GiB KV cache.*--context 8388608 or less"):
+        write_coreml(long, tmp_path / "l.mlpackage", context=1 << 24, target="iOS26")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the conversion: no package and no temporary folder remain."""
+    folder, _, _ = exported("qwen3", "q4")
+
+    def interrupt(*args, **kwargs):  # after both functions are converted and saved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("coremltools.models.utils.save_multifunction", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_coreml(canonical_from_mlx(folder), tmp_path / "m.mlpackage", context=CONTEXT)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------------------
+# The Core ML engine (edgert.coreml_engine): the MLX engine's generation loop over a package
+# -------------------------------------------------------------------------------------------
+
+
+def test_engine_greedy_tokens_match_mlx_engine(exported):
+    """generate_step (chunked prefill, then decode) over the package through the interpreter
+    gives the MLX engine's greedy tokens on the same weights."""
+    from edgert.coreml_engine import CoreMLModel
+    from edgert.generation import generate_step
+
+    folder, pkg, _ = exported("llama", "q4")
+    coreml = CoreMLModel(pkg, backend="interpreter")
+    assert coreml.backend == "interpreter"
+    model, _ = load_model(folder)
+    prompt = mx.array(np.random.default_rng(3).integers(0, 320, 11), dtype=mx.uint32)
+    ref = [t for t, _ in generate_step(prompt, model, max_tokens=8, prefill_step_size=4)]
+    cache = coreml.make_cache()
+    ours = [t for t, _ in generate_step(prompt, coreml, max_tokens=8, prefill_step_size=4,
+                                        prompt_cache=cache)]
+    assert ours == ref
+    assert cache[0].offset == 11 + 7  # the last token is sampled, not fed
+
+    # rewind to 5 tokens (as a chat turn does) and go on: stale slots are masked, overwritten
+    cache[0].trim(cache[0].offset - 5)
+    again = [t for t, _ in generate_step(prompt[5:], coreml, max_tokens=8, prompt_cache=cache)]
+    assert again == ref
+
+
+def test_engine_refuses_what_does_not_fit(exported, tmp_path):
+    from edgert.coreml_engine import CoreMLModel, read_manifest
+
+    _, pkg, _ = exported("llama", "q4")
+    coreml = CoreMLModel(pkg, backend="interpreter")
+    cache = coreml.make_cache()
+    cache[0].offset = CONTEXT - 2
+    with pytest.raises(EdgertError, match=f"{CONTEXT + 1} tokens do not fit.*{CONTEXT}"):
+        coreml(mx.array([[1, 2, 3]]), cache=cache)
+    with pytest.raises(EdgertError, match="not an edgert Core ML package"):
+        read_manifest(tmp_path)
+    with pytest.raises(EdgertError, match="no such Core ML package"):
+        read_manifest(tmp_path / "missing.mlpackage")

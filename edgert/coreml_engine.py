@@ -1,0 +1,210 @@
+"""Run an edgert Core ML package (`.mlpackage`) through the same generation loop as MLX.
+
+`load_coreml(path)` returns (model, tokenizer) that `edgert.generation.stream_generate` and
+`edgert.chat.ChatSession` take as they take an MLX model: the model is called as
+`model(ids (1, L), cache=cache) -> logits (1, 1, vocab)` and `make_cache()` gives the KV state.
+Two runners execute the package:
+
+    coremltools   Core ML itself (macOS 15+): one MLModel per function, one shared MLState
+    interpreter   edgert's numpy MIL interpreter, anywhere (slow; for verification)
+
+The tokenizer comes from the package (the files the manifest lists under Data/com.edgert/).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import EdgertError, UnsupportedError
+
+BACKENDS = ("auto", "coremltools", "interpreter")
+
+
+def coreml_runtime_available() -> bool:
+    """Core ML runs stateful models on macOS 15 and later only."""
+    if sys.platform != "darwin":
+        return False
+    try:
+        return int(platform.mac_ver()[0].split(".")[0]) >= 15
+    except ValueError:
+        return False
+
+
+def read_manifest(pkg: Path) -> dict:
+    """The edgert manifest of a `.mlpackage` (Data/com.edgert/manifest.json)."""
+    from .convert.coreml_writer import MANIFEST_FORMAT, MANIFEST_VERSION, manifest_path
+
+    pkg = Path(pkg)
+    if not pkg.is_dir():
+        raise EdgertError(f"{pkg}: no such Core ML package (expected a .mlpackage folder)")
+    path = manifest_path(pkg)
+    if not path.is_file():
+        raise EdgertError(f"{pkg}: not an edgert Core ML package (no {path.relative_to(pkg)})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgertError(f"{path}: invalid JSON ({e})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise EdgertError(f"{path}: format {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}")
+    if manifest.get("format_version", 0) > MANIFEST_VERSION:
+        raise UnsupportedError(f"{pkg}: manifest version {manifest['format_version']} is newer "
+                               f"than this edgert reads ({MANIFEST_VERSION})")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners: predict(function, inputs, state) -> logits, and make_state()
+# ---------------------------------------------------------------------------------------------
+
+
+class InterpreterRunner:
+    """The numpy MIL interpreter (edgert.convert.mil_interpreter)."""
+
+    name = "interpreter"
+
+    def __init__(self, pkg: Path):
+        from .convert.mil_interpreter import InterpreterSession
+
+        self.session = InterpreterSession(pkg)
+
+    def make_state(self):
+        return self.session.make_state()
+
+    def predict(self, function: str, inputs: dict, state) -> np.ndarray:
+        return self.session.predict(function, inputs, state=state)["logits"]
+
+
+class CoreMLToolsRunner:
+    """Core ML through coremltools: each function loaded as its own MLModel; the KV state made
+    once and passed to both (the functions declare the same states)."""
+
+    name = "coremltools"
+
+    def __init__(self, pkg: Path, compute_units: str = "ALL"):
+        import coremltools as ct
+
+        units = getattr(ct.ComputeUnit, compute_units)
+        self.models = {fn: ct.models.MLModel(str(pkg), function_name=fn, compute_units=units)
+                       for fn in ("prefill", "decode")}
+
+    def make_state(self):
+        return self.models["decode"].make_state()
+
+    def predict(self, function: str, inputs: dict, state) -> np.ndarray:
+        return np.asarray(self.models[function].predict(inputs, state=state)["logits"])
+
+
+def make_runner(pkg: Path, backend: str = "auto", compute_units: str = "ALL"):
+    if backend not in BACKENDS:
+        raise EdgertError(f"unknown Core ML backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if backend == "auto":
+        backend = "coremltools" if coreml_runtime_available() else "interpreter"
+    if backend == "coremltools":
+        if not coreml_runtime_available():
+            raise UnsupportedError("Core ML runs stateful packages on macOS 15+ only "
+                                   "(use the interpreter backend elsewhere)")
+        return CoreMLToolsRunner(pkg, compute_units)
+    return InterpreterRunner(pkg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model adapter the generation loop calls
+# ---------------------------------------------------------------------------------------------
+
+
+class CoreMLCache:
+    """The package's KV state plus how many positions hold tokens. Trimming only moves the
+    offset back: the causal mask hides every slot at or past it, and the next call
+    overwrites them."""
+
+    def __init__(self, state, context: int):
+        self.core_state, self.context = state, context
+        self.offset = 0
+
+    @property
+    def state(self) -> list:
+        return []  # nothing for mx.eval: Core ML has already run
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+def causal_mask(position: int, length: int, context: int, masked: float) -> np.ndarray:
+    """(1, 1, L, context) fp16: row i (the token at position + i) sees keys j <= position + i."""
+    rows = position + np.arange(length)[:, None]  # (L, 1)
+    visible = np.arange(context)[None, :] <= rows  # (L, context)
+    return np.where(visible, 0.0, masked).astype(np.float16)[None, None]
+
+
+class CoreMLModel:
+    """A Core ML package as a model for edgert.generation: `model(ids, cache=[CoreMLCache])`
+    runs `prefill` (L > 1) or `decode` (L == 1) and returns the last position's logits."""
+
+    def __init__(self, pkg: str | Path, backend: str = "auto", compute_units: str = "ALL"):
+        self.path = Path(pkg)
+        self.manifest = read_manifest(self.path)
+        self.context: int = self.manifest["context_length"]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.prefill_max: int = self.manifest["functions"]["prefill"]["max_length"]
+        self._masked = float(self.manifest["causal_mask"]["masked_value"])
+        self.runner = make_runner(self.path, backend, compute_units)
+
+    @property
+    def backend(self) -> str:
+        return self.runner.name
+
+    def make_cache(self) -> list[CoreMLCache]:
+        return [CoreMLCache(self.runner.make_state(), self.context)]
+
+    def __call__(self, inputs: mx.array, cache: list[CoreMLCache] | None = None) -> mx.array:
+        """ids (1, L) -> logits (1, 1, vocab) float32 of the last position."""
+        if cache is None:
+            cache = self.make_cache()
+        (c,) = cache
+        ids = np.array(inputs, dtype=np.int32).reshape(1, -1)  # (1, L)
+        L = ids.shape[1]
+        if c.offset + L > self.context:
+            raise EdgertError(f"{c.offset + L} tokens do not fit the package's context of "
+                              f"{self.context} (re-export with a larger --context)")
+        for start in range(0, L, self.prefill_max):  # chunks the prefill function accepts
+            chunk = ids[:, start:start + self.prefill_max]  # (1, n)
+            n = chunk.shape[1]
+            feeds = {"input_ids": chunk, "position": np.array([c.offset], np.int32),
+                     "causal_mask": causal_mask(c.offset, n, self.context, self._masked)}
+            logits = self.runner.predict("decode" if n == 1 else "prefill", feeds, c.core_state)
+            c.offset += n
+        return mx.array(np.asarray(logits, np.float32).reshape(1, 1, -1))
+
+
+def load_tokenizer_from_package(pkg: Path, manifest: dict):
+    """The tokenizer stored in the package, with the manifest's BOS and stop tokens."""
+    from .convert.coreml_writer import manifest_path
+    from .tokenizer import load_tokenizer
+
+    folder = manifest_path(pkg).parent
+    names = manifest.get("tokenizer_files", [])
+    if not names:
+        raise EdgertError(f"{pkg}: the package holds no tokenizer files")
+    dirs = {(folder / n).parent for n in names}
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing or len(dirs) != 1:
+        raise EdgertError(f"{pkg}: tokenizer file missing: {missing[0] if missing else names}")
+    tok = load_tokenizer(dirs.pop())
+    if tok.bos_token_id is None and manifest.get("bos_token_id") is not None:
+        tok.bos_token_id = manifest["bos_token_id"]
+    tok.eos_token_ids |= set(manifest.get("stop_token_ids", []))
+    return tok
+
+
+def load_coreml(pkg: str | Path, backend: str = "auto", compute_units: str = "ALL"):
+    """(CoreMLModel, Tokenizer) for an edgert `.mlpackage`."""
+    model = CoreMLModel(pkg, backend, compute_units)
+    return model, load_tokenizer_from_package(model.path, model.manifest)

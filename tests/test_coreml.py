@@ -545,3 +545,123 @@ def test_engine_refuses_what_does_not_fit(exported, tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(EdgertError, match="no such Core ML package"):
         read_manifest(tmp_path / "missing.mlpackage")
+
+
+# -------------------------------------------------------------------------------------------
+# ios_bridge: the Swift package parses, and speaks the manifest's names
+# (Swift is not installed here: tree-sitter's Swift grammar checks the syntax)
+# -------------------------------------------------------------------------------------------
+
+SWIFT_ROOT = Path(__file__).resolve().parents[1] / "ios_bridge"
+SWIFT_FILES = sorted(SWIFT_ROOT.rglob("*.swift"))
+
+
+def _swift_parser():
+    import tree_sitter
+    import tree_sitter_swift
+
+    return tree_sitter.Parser(tree_sitter.Language(tree_sitter_swift.language()))
+
+
+def _syntax_errors(node) -> list[str]:
+    found = []
+    if node.is_error or node.is_missing:
+        row, col = node.start_point
+        found.append(f"{row + 1}:{col + 1} {'missing' if node.is_missing else 'error'} "
+                     f"{node.type} {node.text[:40]!r}")
+    for child in node.children:
+        found += _syntax_errors(child)
+    return found
+
+
+def _declarations(root, kind: str, name: str):
+    """The body of `enum`/`struct`/`class` `name` anywhere in the tree."""
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if (n.type == "class_declaration" and n.children and
+                any(c.type == kind for c in n.children) and
+                any(c.type == "type_identifier" and c.text.decode() == name for c in n.children)):
+            return next(c for c in n.children if c.type.endswith("_body"))
+        stack.extend(n.children)
+    raise AssertionError(f"no {kind} {name}")
+
+
+def _properties(body) -> dict[str, tuple[str, bool]]:
+    """Stored `let` properties of a declaration body: name -> (initializer or type text,
+    optional?)."""
+    props = {}
+    for n in body.children:
+        if n.type != "property_declaration" or not any(
+                c.type == "value_binding_pattern" and c.text == b"let" for c in n.children):
+            continue  # `var`: computed
+        name = next(c for c in n.children if c.type == "pattern").text.decode()
+        value = n.children[-1]
+        optional = any(c.type == "type_annotation" and c.text.decode().endswith("?")
+                       for c in n.children)
+        props[name] = (value.text.decode(), optional)
+    return props
+
+
+def _literal(text: str):
+    return json.loads(text)  # Swift string / integer / array-of-string literals are JSON here
+
+
+def test_swift_sources_parse():
+    assert {f.name for f in SWIFT_FILES} >= {"Package.swift", "Manifest.swift",
+                                             "EdgertModel.swift", "EdgertSession.swift",
+                                             "Sampling.swift", "Tokenizer.swift"}
+    parser = _swift_parser()
+    for f in SWIFT_FILES:
+        errors = _syntax_errors(parser.parse(f.read_bytes()).root_node)
+        assert not errors, f"{f.relative_to(SWIFT_ROOT)}: {errors[:3]}"
+    # the checker does catch broken Swift
+    assert _syntax_errors(parser.parse(b"func f(x: Int { let y = }\n").root_node)
+    assert _syntax_errors(parser.parse(b"struct A { var x: [Int }\n").root_node)
+
+
+def test_swift_speaks_the_manifest_of_a_real_export(exported):
+    _, pkg, _ = exported("llama", "q4")
+    manifest = json.loads(manifest_path(pkg).read_text())
+    parser = _swift_parser()
+    source = (SWIFT_ROOT / "Sources" / "EdgertBridge" / "Manifest.swift").read_bytes()
+    root = parser.parse(source).root_node
+
+    io = {k: _literal(v) for k, (v, _) in _properties(_declarations(root, "enum",
+                                                                    "IONames")).items()}
+    written = set(manifest["functions"])
+    for fn in manifest["functions"].values():
+        written |= {t["name"] for kind in ("inputs", "outputs", "states") for t in fn[kind]}
+    assert set(io.values()) == written
+    for fn in manifest["functions"].values():  # the order Manifest.validate() expects
+        assert [t["name"] for t in fn["inputs"]] == [io["inputIDs"], io["position"],
+                                                      io["causalMask"]]
+        assert [t["name"] for t in fn["outputs"]] == [io["logits"]]
+        assert [t["name"] for t in fn["states"]] == [io["keyCache"], io["valueCache"]]
+    # every name is used through IONames, never spelled out elsewhere
+    code = "\n".join(f.read_text() for f in SWIFT_FILES if "Tests" not in f.parts)
+    for member, value in io.items():
+        assert f"IONames.{member}" in code, member
+        assert code.count(f'"{value}"') == 1, f"{value!r} spelled out outside IONames"
+
+    layout = {k: _literal(v) for k, (v, _) in _properties(_declarations(
+        root, "enum", "PackageLayout")).items()}
+    item = manifest_path(pkg).relative_to(pkg)
+    assert layout["itemFolder"] + [layout["manifestFile"]] == list(item.parts)
+    assert layout["format"] == manifest["format"]
+    assert layout["formatVersion"] == manifest["format_version"]
+    assert layout["metadataKey"] in load_package(pkg).spec.description.metadata.userDefined
+
+    # each Decodable property is a key the writer emits (snake_case), optional ones may be null
+    def snake(name: str) -> str:
+        return re.sub(r"([A-Z])", lambda m: "_" + m[1].lower(), name)
+
+    samples = {"Manifest": [manifest], "Function": list(manifest["functions"].values()),
+               "Tensor": manifest["functions"]["prefill"]["inputs"],
+               "CausalMask": [manifest["causal_mask"]]}
+    for struct, objects in samples.items():
+        props = _properties(_declarations(root, "struct", struct))
+        assert props, struct
+        for name, (_, optional) in props.items():
+            present = [snake(name) in obj for obj in objects]
+            assert any(present) if optional else all(present), f"{struct}.{name}"

@@ -26,7 +26,7 @@ class QuantTensor:
 
     w_q: np.ndarray  # (rows, cols * bits // 32) uint32, each row a little-endian bitstream
     scales: np.ndarray  # (rows, cols // group_size) float16 / float32
-    biases: np.ndarray  # (rows, cols // group_size) same dtype as scales
+    biases: np.ndarray | None  # (rows, cols // group_size) as scales; None in mode "mxfp4"
     bits: int
     group_size: int
     mode: str = "affine"
@@ -38,7 +38,8 @@ class QuantTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.w_q.nbytes + self.scales.nbytes + self.biases.nbytes
+        biases = 0 if self.biases is None else self.biases.nbytes
+        return self.w_q.nbytes + self.scales.nbytes + biases
 
 
 @dataclass

@@ -31,6 +31,7 @@ from edgert.errors import EdgertError, UnsupportedError
 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         QuantTensor, TensorRecord)
+from .gguf_types import pack_rows
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "bitnet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -91,21 +92,6 @@ def safetensors_index(folder: Path) -> dict[str, TensorRef]:
 
 
 # ------------------------------------------------------------------ bit packing (MLX's layout)
-
-
-def pack_rows(q: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, cols) codes < 2**bits -> (rows, cols * bits // 32) uint32, each row a
-    little-endian bitstream with element j at bit j*bits (MLX's w_q; 3/5/6 bits straddle words)."""
-    rows, cols = q.shape
-    if 8 % bits == 0:  # whole codes per byte
-        per = 8 // bits
-        q = q.astype(np.uint8).reshape(rows, cols // per, per)
-        packed = q[..., 0].copy()
-        for k in range(1, per):
-            packed |= q[..., k] << (k * bits)
-        return packed.view("<u4")
-    b = (q.astype(np.uint8)[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (rows, cols, bits)
-    return np.packbits(b.reshape(rows, -1), axis=-1, bitorder="little").view("<u4")
 
 
 def unpack_rows(w: np.ndarray, bits: int) -> np.ndarray:

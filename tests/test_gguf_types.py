@@ -1,15 +1,18 @@
-"""GGML blocks -> MLX affine: bit-exact against gguf-py's reference dequantization.
+"""GGML blocks -> MLX: bit-exact against gguf-py's and llama.cpp's reference dequantization.
 
-Oracles: gguf-py's numpy quantizers (bit-exact with llama-quantize for Q4_0, Q4_1, Q8_0) make
-the blocks and `gguf.quants.dequantize` says what they mean; MLX's own `mx.dequantize` reads
-our mapping. One caveat, kept explicit: where the reference value is -0.0, MLX gives +0.0.
-Q4_0 computes d * (q - 8), -0.0 where d < 0 and q = 8; Q8_0 computes d * x, -0.0 where x < 0
-and d underflowed to 0 in float16 (a block of values below ~1e-5). MLX computes
-d * q + (-k d), and x + (-x) is +0.0. The values are equal; only the sign bit of zero differs,
-so exactly those elements are allowed to differ and everything else is compared bit for bit.
+Oracles: gguf-py's numpy quantizers (bit-exact with llama-quantize for Q4_0, Q4_1, Q8_0, TQ1_0,
+TQ2_0) and random block bytes make the blocks; `gguf.quants.dequantize` says what they mean,
+and where gguf-py has no dequantizer (Q1_0, Q2_0) llama.cpp's own ggml library does (its
+`to_float` through ctypes). MLX's own `mx.dequantize` reads our mapping. One caveat, kept
+explicit: a zero may come out with the other sign. The reference computes d * 0 = -0.0 where
+d < 0, MLX d * q + (-d * q) = +0.0; for MXFP4, MLX reads code 8 as e2m1's -0.0 where ggml's
+table has 0. Exactly those elements may differ, and only in the sign bit of a zero.
+Re-quantized types (Q2_K, Q6_K, and the opt-in path) are held to the error they report.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import gguf
 import mlx.core as mx
@@ -17,30 +20,110 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from edgert.convert.canonical import EXACT, F32_SCALES_EXACT, FLOAT, QuantTensor
+from edgert.convert.canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED,
+                                      QuantTensor)
 from edgert.convert.gguf_reader import open_gguf, read_gguf, unpermute_rows
-from edgert.convert.gguf_types import TYPES, mlx_type, pack_rows
+from edgert.convert.gguf_types import (Q1_0_G32, Q2_0_TYPE, TYPES, ExtraType,
+                                       dequantize_requantize, ggml_type, mlx_type, pack_rows,
+                                       type_layout)
 from edgert.errors import UnsupportedError
 
-QUANT_TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
+from testdata import data_file
+
+GGUF_PY_QUANTIZES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.TQ1_0, T.TQ2_0, T.MXFP4)
+# byte offsets of each block's f16 fields (kept finite in random blocks)
+F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
+              T.IQ4_NL: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q3_K: [108], T.IQ4_XS: [0],
+              T.TQ2_0: [64], T.TQ1_0: [52], T.Q2_K: [80, 82], T.Q6_K: [208], T.MXFP4: [],
+              T.Q1_0: [0], Q2_0_TYPE: [0], Q1_0_G32: [0]}
+CLASSES = {T.Q4_0: EXACT, T.Q4_1: EXACT, T.Q5_0: EXACT, T.Q5_1: EXACT, T.Q8_0: EXACT,
+           T.Q1_0: EXACT, Q1_0_G32: EXACT, Q2_0_TYPE: EXACT, T.TQ2_0: EXACT, T.MXFP4: EXACT,
+           T.Q4_K: F32_SCALES_EXACT, T.Q5_K: F32_SCALES_EXACT, T.TQ1_0: WIDENED,
+           T.Q3_K: WIDENED, T.IQ4_NL: WIDENED, T.IQ4_XS: WIDENED, T.Q2_K: REQUANTIZED,
+           T.Q6_K: REQUANTIZED}
+GGML_ONLY = (T.Q1_0, Q2_0_TYPE, Q1_0_G32)  # gguf-py cannot dequantize these
 
 
 def mlx_dequantize(t: QuantTensor) -> np.ndarray:
-    """(rows, cols) float32 through MLX, with scales and biases in float32."""
-    return np.array(mx.dequantize(mx.array(t.w_q), mx.array(t.scales.astype(np.float32)),
-                                  mx.array(t.biases.astype(np.float32)),
-                                  group_size=t.group_size, bits=t.bits))
+    """(rows, cols) float32 through MLX on the CPU, affine scales and biases in float32."""
+    with mx.stream(mx.cpu):
+        if t.mode != "affine":
+            out = mx.dequantize(mx.array(t.w_q), mx.array(t.scales), None,
+                                group_size=t.group_size, bits=t.bits, mode=t.mode,
+                                dtype=mx.float32)
+        else:
+            out = mx.dequantize(mx.array(t.w_q), mx.array(t.scales.astype(np.float32)),
+                                mx.array(t.biases.astype(np.float32)),
+                                group_size=t.group_size, bits=t.bits)
+        return np.array(out)
 
 
-def assert_bit_exact(ours: np.ndarray, ref: np.ndarray, qtype: T) -> None:
+def assert_bit_exact(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape and ours.dtype == ref.dtype == np.float32
     assert np.array_equal(ours, ref, equal_nan=True)  # by value (+0.0 == -0.0)
     differ = ours.view(np.uint32) != ref.view(np.uint32)
-    if qtype in (T.Q4_0, T.Q8_0):  # -0.0 -> +0.0 only, see the module docstring
-        assert (ours.view(np.uint32)[differ] == 0).all()
-        assert (ref.view(np.uint32)[differ] == 0x80000000).all()
+    assert (ours[differ] == 0).all() and (ref[differ] == 0).all()  # signs of zero only
+
+
+def assert_maps(mapped, ref: np.ndarray, qtype) -> None:
+    """The mapping reproduces `ref`: bit for bit, or within the error it reports."""
+    ours = mlx_dequantize(mapped.value)
+    if mapped.mapping == REQUANTIZED:
+        assert np.isfinite(mapped.max_abs_error)
+        assert np.abs(ours - ref).max() == np.float32(mapped.max_abs_error)
     else:
-        assert not differ.any()
+        assert mapped.max_abs_error == 0.0
+        assert_bit_exact(ours, ref)
+
+
+# ------------------------------------------------------------------ llama.cpp's ggml as oracle
+
+
+def ggml_lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(data_file("llama.cpp/lib/libggml-base.so")))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    return lib
+
+
+class _Traits(ctypes.Structure):  # struct ggml_type_traits in ggml.h
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def ggml_dequantize(raw: np.ndarray, type_id: int, shape: tuple[int, int]) -> np.ndarray:
+    """llama.cpp's dequantize_row_* for GGML type `type_id`: (rows, bytes) -> (rows, cols)."""
+    traits = ggml_lib().ggml_get_type_traits(type_id).contents
+    block, size = type_layout(ggml_type(type_id, shape[0] * shape[1]))
+    assert (traits.blck_size, traits.type_size) == (block, size), traits.type_name
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.empty(shape, np.float32)
+    _TO_FLOAT(traits.to_float)(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+def reference(raw: np.ndarray, qtype, shape: tuple[int, int]) -> np.ndarray:
+    """The source's dequantization: gguf-py's, or llama.cpp's where gguf-py has none.
+
+    PrismML's Q1_0 with blocks of 32 reads as mainline Q1_0 (same rule, bit set -> +d, else
+    -d); each 6-byte block is padded into an 18-byte one and the first 32 values kept."""
+    if qtype == Q1_0_G32:
+        blocks = raw.reshape(-1, 6)
+        padded = np.zeros((len(blocks), 18), np.uint8)
+        padded[:, :6] = blocks
+        out = ggml_dequantize(padded, T.Q1_0.value, (len(blocks), 128))[:, :32]
+        return out.reshape(shape)
+    if qtype in GGML_ONLY:
+        return ggml_dequantize(raw, qtype.value, shape)
+    return gguf.quants.dequantize(raw, qtype).reshape(shape)
+
+
+# ------------------------------------------------------------------ random data
 
 
 def random_weights(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -57,31 +140,71 @@ def random_weights(rows: int, cols: int, seed: int) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
-def test_random_blocks_match_gguf_py(qtype):
-    w = random_weights(48, 256, seed=qtype.value)
-    raw = gguf.quants.quantize(w, qtype)  # (48, 256 // 32 * type_size) uint8
+def random_blocks(qtype, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random block bytes (valid blocks for these types) with finite f16 fields of every
+    magnitude (zero, subnormal, up to 6e4), plus an all-zero block in every row."""
+    rng = np.random.default_rng(seed)
+    block, size = type_layout(qtype)
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)  # a view
+    for offset in F16_FIELDS[qtype]:
+        v = rng.standard_normal(len(blocks)) * 10.0 ** rng.uniform(-8, 4.5, len(blocks))
+        v = np.clip(v, -65504, 65504).astype(np.float16)
+        v[::7] = 0
+        v[1::11] = np.float16(65504) * np.sign(v[1::11])
+        blocks[:, offset:offset + 2] = v.view(np.uint8).reshape(-1, 2)
+    if qtype == T.MXFP4:
+        blocks[:, 0] %= 255  # E8M0 255 is NaN; see test_mxfp4_nan_scale_is_refused
+    raw[:, :size] = 0  # an all-zero block starts each row
+    return raw
+
+
+@pytest.mark.parametrize("qtype", GGUF_PY_QUANTIZES, ids=lambda t: t.name)
+def test_gguf_py_quantized_weights_map_exactly(qtype):
+    w = random_weights(48, 512, seed=qtype.value)
+    raw = gguf.quants.quantize(w, qtype)  # (48, 512 // block * type_size) uint8
     mapped = mlx_type(qtype).to_mlx(raw, w.shape)
     t = mapped.value
-    assert mapped.mapping == EXACT and t.scales.dtype == t.biases.dtype == np.float16
-    assert t.w_q.dtype == np.uint32 and t.w_q.shape == (48, 256 * t.bits // 32)
-    assert t.scales.shape == (48, 256 // 32) and t.shape == w.shape
-    assert_bit_exact(mlx_dequantize(t), gguf.quants.dequantize(raw, qtype), qtype)
+    assert mapped.mapping == CLASSES[qtype] and t.shape == w.shape
+    assert t.w_q.dtype == np.uint32 and t.w_q.shape == (48, 512 * t.bits // 32)
+    if t.mode == "affine":
+        assert t.scales.dtype == t.biases.dtype == np.float16  # f16 suffices for these
+    assert_maps(mapped, gguf.quants.dequantize(raw, qtype), qtype)
 
 
-@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
-def test_biases_beyond_float16_fall_back_to_float32(qtype):
-    """-8d (Q4_0) and -128d (Q8_0) overflow float16 for blocks near the f16 limit."""
-    w = random_weights(8, 64, seed=1)
-    w[5, :32] = np.linspace(-6e4, 6e4, 32)  # Q4_0: d = 7500, -8d = -6e4 (fits)
-    w[6, :32] = 6e4  # Q4_0: |8d| = 6e4, Q8_0: |128d| = 6e4 (both fit)
-    w[7, :32] = np.linspace(-1e5, 9e4, 32) if qtype != T.Q4_1 else 0  # 8d and 128d overflow
-    raw = gguf.quants.quantize(w, qtype)
-    mapped = mlx_type(qtype).to_mlx(raw, w.shape)
-    widened = qtype != T.Q4_1
-    assert mapped.mapping == (F32_SCALES_EXACT if widened else EXACT)
-    assert mapped.value.scales.dtype == (np.float32 if widened else np.float16)
-    assert_bit_exact(mlx_dequantize(mapped.value), gguf.quants.dequantize(raw, qtype), qtype)
+@pytest.mark.parametrize("qtype", list(CLASSES), ids=lambda t: t.name)
+def test_random_blocks_map_onto_the_reference(qtype):
+    """Every supported type on random block bytes: exact classes bit for bit, re-quantized
+    ones within the error they report."""
+    shape = (24, 1024)
+    raw = random_blocks(qtype, *shape, seed=len(qtype.name) * 1000 + qtype.value)
+    mapped = mlx_type(qtype).to_mlx(raw, shape)
+    assert mapped.value.shape == shape
+    expected = CLASSES[qtype]
+    if expected == EXACT:  # extreme scales may need float32 biases (still exact)
+        assert mapped.mapping in (EXACT, F32_SCALES_EXACT)
+    else:
+        assert mapped.mapping == expected
+    assert_maps(mapped, reference(raw, qtype, shape), qtype)
+
+
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q2_K], ids=lambda t: t.name)
+def test_requantized_error_is_small_on_gaussian_blocks(qtype):
+    """On realistic scales (llama-quantize's own data is tested below) the 8-bit re-quantization
+    errs by at most about one 8-bit step of the group's range (mx.quantize puts zero on the
+    grid, so the step can exceed range / 255; float16 scales add a little)."""
+    rng = np.random.default_rng(0)
+    shape = (32, 512)
+    raw = random_blocks(qtype, *shape, seed=1)
+    blocks = raw.reshape(-1, type_layout(qtype)[1])
+    for offset in F16_FIELDS[qtype]:  # scales of trained weights: ~1e-3
+        blocks[:, offset:offset + 2] = (rng.uniform(1e-4, 2e-3, len(blocks)).astype(np.float16)
+                                        .view(np.uint8).reshape(-1, 2))
+    ref = reference(raw, qtype, shape)
+    mapped = mlx_type(qtype).to_mlx(raw, shape)
+    assert_maps(mapped, ref, qtype)
+    group_range = np.ptp(ref.reshape(shape[0], -1, 32), axis=-1).max()
+    assert 0 < mapped.max_abs_error <= group_range / 255 * 1.5
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
@@ -107,11 +230,53 @@ def test_float_types():
     assert np.array_equal(out.value, gguf.quants.dequantize(raw, T.BF16))
 
 
+def test_mxfp4_nan_scale_is_refused():
+    raw = random_blocks(T.MXFP4, 2, 64, seed=0)
+    raw[1, 0] = 255
+    with pytest.raises(UnsupportedError, match="E8M0 scale 255"):
+        mlx_type(T.MXFP4).to_mlx(raw, (2, 64))
+
+
 def test_unsupported_type_names_the_tensor_and_type():
-    with pytest.raises(UnsupportedError, match=r"tensor blk.0.ffn_down.weight has type Q6_K, "
+    with pytest.raises(UnsupportedError, match=r"tensor blk.0.ffn_down.weight has type IQ2_XXS, "
                                                r"not supported yet"):
-        mlx_type(T.Q6_K, "blk.0.ffn_down.weight")
-    assert set(TYPES) == {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0}
+        mlx_type(T.IQ2_XXS, "blk.0.ffn_down.weight")
+    assert set(TYPES) == set(CLASSES) | {T.F32, T.F16, T.BF16}
+
+
+@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ3_S, T.Q6_K], ids=lambda t: t.name)
+def test_dequantize_requantize_is_held_to_its_error(qtype):
+    """The opt-in path for types without a mapping (gguf-py dequantizes, MLX re-quantizes)."""
+    block, size = type_layout(qtype)
+    shape = (8, 512)
+    if qtype in F16_FIELDS:
+        raw = random_blocks(qtype, *shape, seed=3)
+    else:  # grid types: random grid indices, a small f16 d first in each block
+        raw = np.random.default_rng(3).integers(0, 256, (8, 512 // block * size), np.uint8)
+        raw.reshape(-1, size)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
+    for bits, group in ((4, 64), (8, 32)):
+        mapped = dequantize_requantize(raw, qtype, shape, bits, group)
+        assert mapped.mapping == REQUANTIZED and mapped.value.bits == bits
+        assert mapped.value.group_size == group
+        assert_maps(mapped, gguf.quants.dequantize(raw, qtype).reshape(shape), qtype)
+    with pytest.raises(UnsupportedError, match="gguf-py cannot dequantize"):
+        dequantize_requantize(np.zeros((1, 18), np.uint8), T.Q1_0, (1, 128))
+
+
+def test_type_ids_read_by_bytes_per_block():
+    """Id 40: mainline NVFP4 (64 weights, 36 bytes) or PrismML's Q1_0 (32 weights, 6 bytes);
+    id 41 is Q1_0 either way; id 42 is Q2_0 even where gguf-py does not know it."""
+    n = 4096
+    assert ggml_type(40, n, n // 64 * 36) == T.NVFP4
+    assert ggml_type(40, n, n // 32 * 6 + 26) == Q1_0_G32  # with alignment padding
+    assert ggml_type(41, n, n // 128 * 18) == T.Q1_0
+    assert ggml_type(42, n).value == 42 and ggml_type(42, n).name == "Q2_0"
+    assert isinstance(Q1_0_G32, ExtraType) and Q1_0_G32.value == 40
+    with pytest.raises(UnsupportedError, match="GGML type id 99"):
+        ggml_type(99, n)
+
+
+# ------------------------------------------------------------------ real files
 
 
 def test_every_tensor_of_the_default_model_matches_gguf_py(smollm_gguf):
@@ -126,9 +291,44 @@ def test_every_tensor_of_the_default_model_matches_gguf_py(smollm_gguf):
         if (part := record.source_name.split(".")[-2]) in heads:
             ref = unpermute_rows(ref, heads[part])
         if isinstance(record.value, QuantTensor):
-            assert_bit_exact(mlx_dequantize(record.value), ref, src.tensor_type)
+            assert_bit_exact(mlx_dequantize(record.value), ref)
             assert record.mapping == EXACT
         else:
             assert np.array_equal(record.value, ref)
         seen.add(record.source_type)
     assert seen == {"Q4_1", "Q8_0", "F32"}
+
+
+def assert_file_maps(path, rows: int = 96) -> set[str]:
+    """Every tensor of the GGUF at `path` (its first `rows` rows) maps onto its reference;
+    returns the types seen."""
+    seen = set()
+    for t in open_gguf(path).tensors:
+        if len(t.shape) != 2:
+            continue
+        cols = int(t.shape[0])
+        k = min(rows, int(t.shape[1]))
+        raw = t.data[:k]
+        mapped = mlx_type(t.tensor_type, t.name).to_mlx(raw, (k, cols))
+        if isinstance(mapped.value, QuantTensor):
+            assert mapped.mapping == CLASSES[t.tensor_type] or (
+                CLASSES[t.tensor_type] == EXACT and mapped.mapping == F32_SCALES_EXACT), t.name
+            assert_maps(mapped, reference(raw, t.tensor_type, (k, cols)), t.tensor_type)
+        seen.add(t.tensor_type.name)
+    return seen
+
+
+def test_gemma3_q4_k_m_maps(request):
+    """Google's Gemma 3 270M Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0 as llama.cpp wrote them)."""
+    seen = assert_file_maps(data_file("gemma3/gemma-3-270m-q4_k_m.gguf"), rows=64)
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= seen
+
+
+@pytest.mark.parametrize("type_name, expect", [
+    ("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q1_0", {"Q1_0"}), ("TQ2_0", {"TQ2_0"}),
+    ("Q2_K", {"Q2_K"}), ("Q6_K", {"Q6_K"}), ("IQ4_NL", {"IQ4_NL"})])
+def test_llama_quantize_files_map(quantized_smollm, type_name, expect):
+    """SmolLM2 re-quantized by llama-quantize: real blocks of each type (tensors whose rows
+    are not whole 256 / 128 blocks get llama.cpp's fallback types, mapped the same way)."""
+    seen = assert_file_maps(quantized_smollm(type_name))
+    assert expect <= seen

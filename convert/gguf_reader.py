@@ -7,6 +7,7 @@ gguf-py walks it, and each tensor's data range is checked against the file size.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import importlib.metadata
 import math
@@ -15,14 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
 
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
 
 from .canonical import CanonicalModel, QuantTensor, TensorRecord
-from .gguf_types import BlockType, mlx_type
+from .gguf_types import ExtraType, ggml_type, mlx_type, type_layout
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
@@ -78,28 +78,39 @@ class _CheckedReader(GGUFReader):
 
     def _build_tensors(self, start_offs, fields):
         size = self.data.shape[0]
-        for field in fields:
+        starts = sorted(start_offs + int(f.parts[5][0]) for f in fields) + [size]
+        own = {}  # field index -> tensor, for type ids that gguf-py reads otherwise or not at all
+        for i, field in enumerate(fields):
             _, name, _, dims, raw_type, offset = field.parts
             name = bytes(name).decode("utf-8", "replace")
-            if int(raw_type[0]) not in _TENSOR_TYPES:
-                raise UnsupportedError(f"tensor {name} has GGML type id {int(raw_type[0])}, "
-                                       f"unknown to gguf {_GGUF_VERSION}")
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
             n = math.prod(int(d) for d in dims)
+            begin = start_offs + int(offset[0])
+            room = starts[bisect.bisect_right(starts, begin)] - begin  # up to the next tensor
+            try:  # an id's readings (mainline, PrismML) differ in bytes per block
+                qtype = ggml_type(int(raw_type[0]), n, room)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"tensor {name}: {e} (gguf {_GGUF_VERSION})") from None
+            block, type_size = type_layout(qtype)
             if len(dims) and int(dims[0]) % block:
                 raise _Corrupt(f"corrupt GGUF: tensor {name} has rows of {int(dims[0])}, not "
                                f"whole blocks of {block}")
-            begin = start_offs + int(offset[0])
             end = begin + n * type_size // block
             if end > size:
                 raise _Corrupt(f"truncated or corrupt GGUF: tensor {name} data (bytes {begin}.."
                                f"{end}) lies beyond the end of the file ({size} bytes)")
-        super()._build_tensors(start_offs, fields)
+            if isinstance(qtype, ExtraType):
+                np_dims = [int(d) for d in reversed(dims.tolist())]
+                np_dims[-1] = np_dims[-1] // block * type_size  # bytes per row
+                data = self._get(begin, np.uint8, end - begin).reshape(np_dims)
+                own[i] = ReaderTensor(name, qtype, dims, n, end - begin, begin, data, field)
+        super()._build_tensors(start_offs, [f for i, f in enumerate(fields) if i not in own])
+        if own:
+            theirs = iter(self.tensors)
+            self.tensors = [own[i] if i in own else next(theirs) for i in range(len(fields))]
 
 
 _itemsize = functools.cache(lambda dtype: np.dtype(dtype).itemsize)
 _VALUE_TYPES = {t.value: dtype for t, dtype in GGUFReader.gguf_scalar_to_np.items()}
-_TENSOR_TYPES = {t.value for t in GGMLQuantizationType}
 _GGUF_VERSION = importlib.metadata.version("gguf")
 _READ_ERRORS = (_Corrupt, ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError)
 
@@ -261,9 +272,9 @@ def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
 
 def _unpermute(value: np.ndarray | QuantTensor, n_head: int) -> np.ndarray | QuantTensor:
     if isinstance(value, QuantTensor):  # blocks run along the input axis: rows move whole
+        biases = None if value.biases is None else unpermute_rows(value.biases, n_head)
         return QuantTensor(unpermute_rows(value.w_q, n_head), unpermute_rows(value.scales, n_head),
-                           unpermute_rows(value.biases, n_head), value.bits, value.group_size,
-                           value.mode)
+                           biases, value.bits, value.group_size, value.mode)
     return unpermute_rows(value, n_head)
 
 
@@ -283,7 +294,8 @@ def read_gguf(path: Path) -> CanonicalModel:
         for t in kept:
             if hf_name(t.name) is None:
                 raise UnsupportedError(f"tensor {t.name} has no {arch} counterpart")
-            if issubclass(mlx_type(t.tensor_type, t.name), BlockType) and len(t.shape) != 2:
+            if mlx_type(t.tensor_type, t.name) and len(t.shape) != 2 and (
+                    type_layout(t.tensor_type)[0] > 1):
                 raise UnsupportedError(f"tensor {t.name}: {len(t.shape)}-dim "
                                        f"{t.tensor_type.name} tensors are not supported")
             n = heads.get(t.name.split(".")[-2]) if arch == "llama" else None
@@ -313,7 +325,7 @@ def read_gguf(path: Path) -> CanonicalModel:
             if arch == "llama" and part in heads:
                 value = _unpermute(value, heads[part])
             yield TensorRecord(hf_name(t.name), value, t.name, t.tensor_type.name, m.mapping,
-                               note=m.note)
+                               m.max_abs_error, note=m.note)
 
     source = {
         "path": str(path.resolve()), "sha256": sha256_file(path), "format": "gguf",

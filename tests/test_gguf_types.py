@@ -332,3 +332,33 @@ def test_llama_quantize_files_map(quantized_smollm, type_name, expect):
     are not whole 256 / 128 blocks get llama.cpp's fallback types, mapped the same way)."""
     seen = assert_file_maps(quantized_smollm(type_name))
     assert expect <= seen
+
+
+def test_reader_tells_type_ids_apart(tmp_path):
+    """A file with Q2_0 (id 42, unknown to gguf 0.19), PrismML's Q1_0 (id 40, blocks of 32)
+    and Q1_0 (id 41): the reader reads each with its own block size and they map exactly."""
+    rows, cols = 8, 512
+    tensors = {"a": (42, Q2_0_TYPE), "b": (40, Q1_0_G32), "c": (41, T.Q1_0), "d": (40, Q1_0_G32)}
+    raws = {name: random_blocks(qtype, rows, cols, seed=i) for i, (name, (_, qtype))
+            in enumerate(tensors.items())}
+    path = tmp_path / "ids.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    for name, raw in raws.items():  # written as int8 (bytes per row, rows), then re-typed
+        w.add_tensor(name, raw.view(np.int8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = gguf.GGUFReader(path, "r+")
+    for t in r.tensors:
+        t.field.parts[4][0] = tensors[t.name][0]  # type id
+        t.field.parts[3][0] = cols  # dims[0]: weights per row
+    r.data.flush()
+    del r
+    read = {t.name: t for t in open_gguf(path).tensors}
+    assert [t.tensor_type for t in read.values()] == [q for _, q in tensors.values()]
+    for name, t in read.items():
+        assert np.array_equal(t.data, raws[name])
+        mapped = mlx_type(t.tensor_type).to_mlx(t.data, (rows, cols))
+        assert mapped.mapping in (EXACT, F32_SCALES_EXACT)
+        assert_maps(mapped, reference(raws[name], t.tensor_type, (rows, cols)), t.tensor_type)

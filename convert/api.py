@@ -14,16 +14,26 @@ from .gguf_reader import read_gguf
 from .mlx_writer import OutputExistsError, write_mlx_package
 
 
-def read_source(src: Path) -> CanonicalModel:
-    """The CanonicalModel of a checkpoint: a GGUF file, or an HF folder with config.json."""
+def read_source(src: Path, *, bits: int | None = None, group_size: int | None = None,
+                overrides: dict[str, dict] | None = None, requantize: bool = False,
+                scale_dtype: str = "float16") -> CanonicalModel:
+    """The CanonicalModel of a checkpoint: a GGUF file, or an HF folder with config.json.
+
+    `bits` / `group_size` / `overrides` ask for layouts other than the source's (module path
+    or fnmatch pattern -> {"bits", "group_size"}; bits 0 = float); float checkpoints default
+    to 4-bit group 64. `requantize` lets GGUF types with no exact MLX layout through by
+    dequantizing and re-quantizing them (their error is reported)."""
     src = Path(src)
+    kw = dict(bits=bits, group_size=group_size, overrides=overrides, scale_dtype=scale_dtype)
     if src.is_dir():
         if not (src / "config.json").is_file():
             raise EdgertError(f"{src}: a folder without config.json is not a model")
         from .hf_reader import read_hf_folder
 
-        return read_hf_folder(src)
-    return read_gguf(src)
+        return read_hf_folder(src, **kw)
+    if not src.exists():
+        raise EdgertError(f"{src}: no such file or folder")
+    return read_gguf(src, requantize=requantize, **kw)
 
 
 @contextmanager
@@ -42,14 +52,16 @@ def _progress(total: int, label: str,
         yield lambda record: bar.advance(task)
 
 
-def convert_file(src: Path, out: Path, *, force: bool = False, progress: bool = True) -> Path:
+def convert_file(src: Path, out: Path, *, force: bool = False, progress: bool = True,
+                 **options) -> Path:
     """Convert a checkpoint (a .gguf file; an HF model folder) into an MLX package at `out`.
 
+    `options` go to `read_source` (bits, group_size, overrides, requantize, scale_dtype).
     An existing `out` is refused unless `force`; nothing is left behind on failure."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
-    model = read_source(src)
+    model = read_source(src, **options)
     with _progress(model.tensor_count, f"converting {src.name}", progress) as on_tensor:
         return write_mlx_package(model, out, force=force, on_tensor=on_tensor)
 

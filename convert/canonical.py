@@ -53,6 +53,17 @@ class TensorRecord:
     mapping: str  # one of the classes above
     max_abs_error: float = 0.0
     note: str = ""
+    # The source's own dequantization of this tensor as float32 (what `edgert verify` compares
+    # against); None where the value is the source tensor itself.
+    reference: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def reference_value(self) -> np.ndarray:
+        """The source's float32 reference for this tensor."""
+        if self.reference is not None:
+            return self.reference()
+        if isinstance(self.value, QuantTensor):
+            raise ValueError(f"{self.name}: no reference dequantization recorded")
+        return np.asarray(self.value, dtype=np.float32)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ gguf-py walks it, and each tensor's data range is checked against the file size.
 
 from __future__ import annotations
 
+import dataclasses
 import bisect
 import functools
 import importlib.metadata
@@ -17,15 +18,17 @@ from typing import Iterator
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
+from gguf.quants import dequantize as gguf_dequantize
 
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
 
-from .canonical import CanonicalModel, QuantTensor, TensorRecord
-from .gguf_types import ExtraType, ggml_type, mlx_type, type_layout
+from .canonical import EXACT, REQUANTIZED, CanonicalModel, QuantTensor, TensorRecord
+from .gguf_types import TYPES, ExtraType, ggml_type, mlx_type, type_layout
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture -> HF model_type, where they differ
 VERSIONS = (2, 3)
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                 "output": "lm_head"}
@@ -36,6 +39,19 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Per HF model_type, block names that differ from (or add to) BLOCK_NAMES.
+MODEL_BLOCK_NAMES = {
+    "gemma3_text": {"ffn_norm": "pre_feedforward_layernorm",
+                    "post_attention_norm": "post_attention_layernorm",
+                    "post_ffw_norm": "post_feedforward_layernorm"},
+}
+# llama.cpp stores Gemma's RMSNorm weights w as 1 + w (convert_hf_to_gguf.py, Gemma3Model);
+# HF names carry w, so this much is subtracted from every `*norm.weight` on the way back.
+NORM_SHIFT = {"gemma3_text": 1.0}
+# Types gguf-py can dequantize in numpy (the reference for `requantize` and `edgert verify`).
+_GGUF_PY_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                  "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                  "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
 SKIPPED = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -208,7 +224,7 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     vocab = meta(reader, f"{arch}.vocab_size") or len(meta(reader, "tokenizer.ggml.tokens", []))
     config = {
         "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
@@ -242,22 +258,71 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
                 meta(reader, f"{arch}.rope.scaling.original_context_length", 4096))}
     elif kind not in (None, "none"):
         raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
+    if arch == "gemma3":
+        config = _gemma3_config(reader, config)
+    return config
+
+
+def _gemma3_config(reader: GGUFReader, config: dict) -> dict:
+    """Gemma 3's own fields, read as llama.cpp reads them (src/models/gemma3.cpp)."""
+    n_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    config = {k: v for k, v in config.items() if k != "hidden_act"}
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers) model
+    config["query_pre_attn_scalar"] = (hidden // config["num_attention_heads"] if n_layers == 62
+                                       else config["head_dim"])
+    # local layers: their own rope base, no rope scaling (llama.cpp's *_swa defaults)
+    config["rope_local_base_freq"] = _f32(meta(reader, "gemma3.rope.freq_base_swa", 10000.0))
+    if (cap := meta(reader, "gemma3.final_logit_softcapping")):
+        config["final_logit_softcapping"] = _f32(cap)
+    window = meta(reader, "gemma3.attention.sliding_window")
+    pattern = meta(reader, "gemma3.attention.sliding_window_pattern", 6)
+    if not window:
+        sliding, pattern = [False] * n_layers, 1
+    elif isinstance(pattern, list):  # one flag per layer
+        sliding, pattern = [bool(x) for x in pattern], None
+        if len(sliding) != n_layers:
+            raise EdgertError(f"gemma3.attention.sliding_window_pattern has {len(sliding)} "
+                              f"flags for {n_layers} layers")
+    else:  # every n-th layer is global; 0: all slide (llama_hparams::set_swa_pattern)
+        pattern = int(pattern)
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+        pattern = pattern or None
+    config["sliding_window"] = int(window) if window else None
+    if pattern is not None:  # what mlx-lm reads; edgert and transformers read layer_types
+        config["sliding_window_pattern"] = pattern
+    config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
     return config
 
 
 # ------------------------------------------------------------------ tensors
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None.
+def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor in a `model_type` model, or None.
 
     blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        return f"model.layers.{layer}.{BLOCK_NAMES[part]}.{kind}" if part in BLOCK_NAMES else None
+        names = BLOCK_NAMES | MODEL_BLOCK_NAMES.get(model_type, {})
+        return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
     stem, _, kind = gguf_name.rpartition(".")
     if stem in GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{GLOBAL_NAMES[stem]}.{kind}"
     return None
+
+
+def hf_value(record: TensorRecord, model_type: str) -> TensorRecord:
+    """`record` with its value in HF's convention: Gemma norm weights lose llama.cpp's + 1
+    (float32 arithmetic, as transformers' GGUF loader does it)."""
+    shift = NORM_SHIFT.get(model_type)
+    if shift is None or not record.name.endswith("norm.weight"):
+        return record
+    one = np.float32(shift)
+    changes = {"value": np.asarray(record.value, np.float32) - one,
+               "note": f"llama.cpp stores 1 + w: {shift:g} subtracted"}
+    if (reference := getattr(record, "reference", None)) is not None:
+        changes["reference"] = lambda: reference() - one
+    return dataclasses.replace(record, **changes)
 
 
 def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
@@ -278,12 +343,56 @@ def _unpermute(value: np.ndarray | QuantTensor, n_head: int) -> np.ndarray | Qua
     return unpermute_rows(value, n_head)
 
 
-def read_gguf(path: Path) -> CanonicalModel:
+def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
+    """gguf-py's reference dequantization of tensor `t` in numpy order, float32."""
+    w = gguf_dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+    return unpermute_rows(w, n_head) if n_head else w
+
+
+def _requantized(record: TensorRecord, want: dict, scale_dtype: str) -> TensorRecord:
+    """`record` re-quantized from the source's reference dequantization as `want` asks
+    ({"bits", "group_size"}; bits 0 keeps float32)."""
+    from .hf_reader import DEFAULT_BITS, DEFAULT_GROUP, quantize_float
+
+    ref = record.reference_value()
+    bits = DEFAULT_BITS if want.get("bits") is None else want["bits"]
+    group = want.get("group_size") or DEFAULT_GROUP
+    if bits == 0 or ref.ndim != 2 or ref.shape[1] % group:
+        why = "" if bits == 0 else f" ({ref.shape[-1]} columns, group {group})"
+        return TensorRecord(record.name, ref, record.source_name, record.source_type, EXACT,
+                            note=f"dequantized to float32{why}", reference=record.reference)
+    t, err = quantize_float(ref, bits, group, scale_dtype)
+    return TensorRecord(record.name, t, record.source_name, record.source_type, REQUANTIZED,
+                        err, note=f"requantized to {bits}-bit group {group} from the source's "
+                        "dequantization", reference=record.reference)
+
+
+def _wants_change(want: dict | None, value) -> bool:
+    """Whether bits/group asked for differ from what `value` holds (a float counts as 0 bits)."""
+    if want is None:
+        return False
+    if not isinstance(value, QuantTensor):
+        return value.ndim == 2 and want.get("bits") not in (None, 0)
+    return any(want.get(k) is not None and want[k] != v
+               for k, v in (("bits", value.bits), ("group_size", value.group_size)))
+
+
+def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = None,
+              overrides: dict[str, dict] | None = None, requantize: bool = False,
+              scale_dtype: str = "float16") -> CanonicalModel:
     """Read a GGUF file (llama, qwen2, qwen3) as a CanonicalModel with HF names.
 
-    Everything is validated up front (architecture, tensor names and types, data ranges);
-    tensors are then mapped one at a time from the memory map as `tensors()` is iterated."""
+    Tensor types map onto MLX exactly where they can (convert/gguf_types.py); `bits`,
+    `group_size` and `overrides` (module path or fnmatch pattern -> {"bits", "group_size"})
+    re-quantize from gguf-py's dequantization where they ask for another layout, and
+    `requantize` lets a type with no MLX mapping through the same way (default 4-bit g64),
+    with its error reported. Everything is validated up front (architecture, tensor names and
+    types, data ranges); tensors are then mapped one at a time from the memory map as
+    `tensors()` is iterated."""
+    from .hf_reader import Request
+
     path = Path(path)
+    request = Request(bits, group_size, dict(overrides or {}))
     reader = open_gguf(path)
     try:
         names = {t.name for t in reader.tensors}
@@ -292,9 +401,13 @@ def read_gguf(path: Path) -> CanonicalModel:
         heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
         kept = [t for t in reader.tensors if t.name not in SKIPPED]
         for t in kept:
-            if hf_name(t.name) is None:
+            if hf_name(t.name, arch) is None:
                 raise UnsupportedError(f"tensor {t.name} has no {arch} counterpart")
-            if mlx_type(t.tensor_type, t.name) and len(t.shape) != 2 and (
+            if requantize and t.tensor_type not in TYPES:
+                if t.tensor_type.name not in _GGUF_PY_TYPES:
+                    raise UnsupportedError(f"tensor {t.name}: gguf-py cannot dequantize "
+                                           f"{t.tensor_type.name} either")
+            elif mlx_type(t.tensor_type, t.name) and len(t.shape) != 2 and (
                     type_layout(t.tensor_type)[0] > 1):
                 raise UnsupportedError(f"tensor {t.name}: {len(t.shape)}-dim "
                                        f"{t.tensor_type.name} tensors are not supported")
@@ -319,13 +432,25 @@ def read_gguf(path: Path) -> CanonicalModel:
     def tensors() -> Iterator[TensorRecord]:
         for t in kept:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order (rows, cols)
-            m = mlx_type(t.tensor_type, t.name).to_mlx(t.data, shape)
-            value = m.value
             part = t.name.split(".")[-2]
-            if arch == "llama" and part in heads:
-                value = _unpermute(value, heads[part])
-            yield TensorRecord(hf_name(t.name), value, t.name, t.tensor_type.name, m.mapping,
-                               m.max_abs_error, note=m.note)
+            n_head = heads[part] if arch == "llama" and part in heads else None
+            name = hf_name(t.name, arch)
+            reference = functools.partial(_dequantized, t, shape, n_head)
+            want = request.get(name.removesuffix(".weight").removesuffix(".bias"))
+            if t.tensor_type not in TYPES:  # only with `requantize` (checked above)
+                placeholder = TensorRecord(name, np.empty(0), t.name, t.tensor_type.name, EXACT,
+                                           reference=reference)
+                record = _requantized(placeholder, want or {}, scale_dtype)
+                record.note += f"; {t.tensor_type.name} has no exact MLX layout"
+                yield record
+                continue
+            m = mlx_type(t.tensor_type, t.name).to_mlx(t.data, shape)
+            value = _unpermute(m.value, n_head) if n_head else m.value
+            record = TensorRecord(name, value, t.name, t.tensor_type.name, m.mapping,
+                                  m.max_abs_error, note=m.note, reference=reference)
+            if _wants_change(want, value) and name.endswith(".weight"):
+                record = _requantized(record, want, scale_dtype)
+            yield hf_value(record, arch)
 
     source = {
         "path": str(path.resolve()), "sha256": sha256_file(path), "format": "gguf",

@@ -304,7 +304,8 @@ def _matrix_records(name: str, w: np.ndarray, source: str, source_type: str, wan
         return [TensorRecord(name, w, source, source_type, EXACT if exact_float else FLOAT,
                              note=note)]
     t, err = quantize_float(w, bits, group, scale_dtype)
-    return [TensorRecord(name, t, source, source_type, REQUANTIZED, err)]
+    return [TensorRecord(name, t, source, source_type, REQUANTIZED, err,
+                         reference=lambda: np.asarray(w, dtype=np.float32))]
 
 
 def _differs(want: dict | None, bits: int, group: int) -> bool:
@@ -365,7 +366,8 @@ def _zero_point_step(module: str, refs: dict[str, TensorRef], kind: str, qcfg: d
     def exact() -> list[TensorRecord]:
         t, mapping, err = decode().to_mlx(group, perm)
         recs = [TensorRecord(f"{module}.weight", t, source, source_type, mapping, err,
-                             note="" if perm is None else "input columns permuted (act-order)")]
+                             note="" if perm is None else "input columns permuted (act-order)",
+                             reference=lambda: decode().dequantize())]
         if perm is not None:
             recs.append(TensorRecord(f"{module}.input_perm", perm.astype(np.uint32),
                                      f"{module}.g_idx", "I32", EXACT,
@@ -407,7 +409,8 @@ def _mlx_step(module: str, refs: dict[str, TensorRef], quant: dict, want: dict |
     def copy() -> list[TensorRecord]:
         t, mapping = load()
         note = "bf16 scales widened to float32" if mapping == WIDENED else ""
-        return [TensorRecord(name, t, name, source_type, mapping, note=note)]
+        return [TensorRecord(name, t, name, source_type, mapping, note=note,
+                             reference=lambda: dequantize(load()[0]))]
 
     return [name], copy
 

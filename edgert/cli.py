@@ -109,15 +109,43 @@ def generate(model, prompt, max_tokens, raw, system, as_json, **kw):
                     dim=True, err=True)
 
 
+def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:
+    """('lm_head=8', '*.down_proj=6:32') -> {"lm_head": {"bits": 8}, "*.down_proj": {...}}."""
+    out = {}
+    for v in values:
+        pattern, sep, layout = v.partition("=")
+        bits, _, group = layout.partition(":")
+        if not sep or not pattern or not bits.isdigit() or (group and not group.isdigit()):
+            raise click.BadParameter(f"{v!r}: expected PATTERN=BITS or PATTERN=BITS:GROUP")
+        out[pattern] = {"bits": int(bits), **({"group_size": int(group)} if group else {})}
+    return out
+
+
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def convert(src, out, force):
+@click.option("--bits", type=click.Choice(["0", "1", "2", "3", "4", "5", "6", "8"]), default=None,
+              help="Bits for every quantized matrix (0 = float); float sources default to 4. "
+                   "Exact source layouts are re-quantized only where this asks for another.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Group size (float sources default to 64).")
+@click.option("--override", "overrides", multiple=True, callback=parse_overrides,
+              metavar="PATTERN=BITS[:GROUP]",
+              help="Per-module layout, e.g. 'lm_head=8' or '*.down_proj=6:32' (repeatable).")
+@click.option("--requantize", is_flag=True,
+              help="Dequantize and re-quantize GGUF types with no exact MLX layout (lossy; "
+                   "the error is reported per tensor) instead of refusing them.")
+@click.option("--scale-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Scales and biases of newly quantized tensors.")
+def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtype):
     """Convert a checkpoint (a GGUF file or an HF safetensors folder) into an MLX package."""
     from .convert.api import convert_file
 
-    path = convert_file(src, out, force=force, progress=True)
+    path = convert_file(src, out, force=force, progress=True,
+                        bits=None if bits is None else int(bits),
+                        group_size=None if group_size is None else int(group_size),
+                        overrides=overrides, requantize=requantize, scale_dtype=scale_dtype)
     click.echo(f"wrote {path}")
 
 
@@ -135,6 +163,43 @@ def info(model, as_json, tensors):
         click.echo(json.dumps(summary, indent=2))
     else:
         print_info(summary, tensors=tensors)
+
+
+@cli.command()
+@click.argument("package")
+@click.option("--reference", "-r", "source", required=True, type=click.Path(exists=True),
+              help="The checkpoint the package was converted from (GGUF or HF folder).")
+@click.option("--prompt", "-p", "prompts", multiple=True,
+              help="Prompt to compare on (repeatable; default: four built-in prompts).")
+@click.option("--min-top1", default=0.9, show_default=True,
+              help="Fail below this top-1 agreement.")
+@click.option("--max-kl", default=0.05, show_default=True,
+              help="Fail above this mean KL divergence (nats).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def verify(package, source, prompts, min_top1, max_kl, as_json):
+    """Compare a package's logits with a float model built from its source's dequantization."""
+    from .verify import PROMPTS, verify as run_verify
+
+    v = run_verify(package, source, tuple(prompts) or PROMPTS, min_top1, max_kl)
+    if as_json:
+        click.echo(json.dumps(v.as_dict(), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{package} vs {source}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_column("threshold", justify="right")
+        table.add_row("positions", str(v.positions), "")
+        table.add_row("top-1 agreement", f"{v.top1_agreement:.4f}", f">= {min_top1}")
+        table.add_row("KL mean (nats)", f"{v.kl_mean:.3g}", f"<= {max_kl}")
+        table.add_row("KL max (nats)", f"{v.kl_max:.3g}", "")
+        table.add_row("max |logit error|", f"{v.max_abs_logit_error:.4g}", "")
+        Console().print(table)
+        click.secho("PASS" if v.passed else "FAIL", fg="green" if v.passed else "red")
+    if not v.passed:
+        sys.exit(1)
 
 
 def int_list(ctx, param, value: str) -> list[int]:

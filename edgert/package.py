@@ -78,6 +78,9 @@ def load_model(path: str | Path, lazy: bool = False,
     weights = load_weights(path)
     weights = model.sanitize(weights)
     if (q := config.get("quantization")) is not None:
+        from .probe import widen_for_device
+
+        q = widen_for_device(q, weights)  # layouts this device cannot run, widened losslessly
         apply_quantization(model, q, weights)
     from .layers import swap_layers
 

@@ -189,7 +189,7 @@ class Encoded:
             dtype = self.dtypes.get(key)
             if dtype in (None, "uint8", "int8"):
                 return a.astype(dtype) if dtype else a
-            return a.astype(getattr(types, f"np_{dtype}_dtype"))  # sub-byte: uint8 tagged
+            return a.view(getattr(types, f"np_{dtype}_dtype"))  # sub-byte: uint8 tagged, no copy
 
         if self.kind == "fp16":
             return mb.const(val=self.arrays["val"], name=name)
@@ -239,7 +239,7 @@ def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
     g = t.group_size
     q = unpack_bits(t.w_q, t.bits, cols)  # (rows, cols) uint8
     s64, b64 = t.scales.astype(np.float64), t.biases.astype(np.float64)  # (rows, cols // g)
-    ref = dequantize(t)  # (rows, cols) float32
+    ref = t  # errors are measured against dequantize(t), in row chunks
 
     if t.bits <= 3:
         z = -b64 / np.where(s64 == 0, 1, s64)
@@ -309,8 +309,27 @@ def decompress(enc: Encoded) -> np.ndarray:
     raise AssertionError(enc.kind)
 
 
-def _with_error(enc: Encoded, ref: np.ndarray) -> Encoded:
-    enc.max_abs_error = float(np.abs(decompress(enc).astype(np.float32) - ref).max())
+ERROR_ROWS = 2048  # rows per chunk when measuring errors: bounds the float temporaries
+
+
+def _rows(enc: Encoded, rows: slice) -> Encoded:
+    """The encoding of some rows (arrays whose first axis is the weight's rows get cut)."""
+    n = enc.shape[0]
+    arrays = {k: v[rows] if (v.ndim and v.shape[0] == n and not (k == "lut" and
+                                                                 enc.kind == "lut_scale"))
+              else v for k, v in enc.arrays.items()}
+    return Encoded(enc.kind, arrays, enc.dtypes, enc.description, enc.mapping, 0.0, enc.shape)
+
+
+def _with_error(enc: Encoded, t: QuantTensor) -> Encoded:
+    """Set enc.max_abs_error: max |Core ML's weight - dequantize(t)|, ERROR_ROWS at a time."""
+    err = 0.0
+    for start in range(0, enc.shape[0], ERROR_ROWS):
+        r = slice(start, start + ERROR_ROWS)
+        part = QuantTensor(t.w_q[r], t.scales[r], t.biases[r], t.bits, t.group_size, t.mode)
+        got = decompress(_rows(enc, r)).astype(np.float32)
+        err = max(err, float(np.abs(got - dequantize(part)).max()))
+    enc.max_abs_error = err
     return enc
 
 

@@ -1,0 +1,133 @@
+"""Gemma 3 from GGUF: a tiny random gemma3 GGUF written as llama.cpp writes them, and the real
+Gemma 3 270M Q4_K_M file, each against transformers reading the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType as T
+
+from edgert.convert.api import convert_file
+from edgert.convert.gguf_reader import hf_config, open_gguf
+from edgert.package import load_model
+from testdata import data_file
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ------------------------------------------------------------------ a tiny gemma3 GGUF
+
+
+def tiny_gemma3_gguf(path: Path, layers: int = 6, hidden: int = 64, heads: int = 2,
+                     kv_heads: int = 1, head_dim: int = 256, ffn: int = 96, vocab: int = 128,
+                     metadata: dict | None = None, types: dict | None = None) -> None:
+    """A random gemma3 GGUF with llama.cpp's conventions: RMSNorm weights stored as 1 + w, 2-D
+    tensors Q8_0 unless `types` says otherwise. `metadata` adds gemma3.* keys (name -> value).
+
+    head_dim is 256 because transformers reads no query_pre_attn_scalar from a GGUF and keeps
+    its default of 256, while llama.cpp scales by 1/sqrt(head_dim)."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_block_count(layers)
+    w.add_context_length(1024)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(100000.0)
+    w.add_vocab_size(vocab)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, list):
+            w.add_array(f"gemma3.{key}", value)
+        elif isinstance(value, float):
+            w.add_float32(f"gemma3.{key}", value)
+        else:
+            w.add_uint32(f"gemma3.{key}", value)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_norm.weight": (hidden,), b + "attn_q_norm.weight": (head_dim,),
+                   b + "attn_k_norm.weight": (head_dim,),
+                   b + "post_attention_norm.weight": (hidden,), b + "ffn_norm.weight": (hidden,),
+                   b + "post_ffw_norm.weight": (hidden,),
+                   b + "attn_q.weight": (heads * head_dim, hidden),
+                   b + "attn_k.weight": (kv_heads * head_dim, hidden),
+                   b + "attn_v.weight": (kv_heads * head_dim, hidden),
+                   b + "attn_output.weight": (hidden, heads * head_dim),
+                   b + "ffn_gate.weight": (ffn, hidden), b + "ffn_up.weight": (ffn, hidden),
+                   b + "ffn_down.weight": (hidden, ffn)}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # convert_hf_to_gguf.py Gemma3Model: norm weights + 1
+            w.add_tensor(name, (1 + 0.3 * rng.standard_normal(shape)).astype(np.float32))
+            continue
+        x = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+        t = (types or {}).get(name, T.Q8_0)
+        w.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_tiny_gemma3_matches_transformers(tmp_path):
+    """Names, the norm shift, sliding-window layers and rope bases as transformers reads them;
+    a window of 4 against 24 tokens, so the window matters."""
+    src = tmp_path / "g.gguf"
+    tiny_gemma3_gguf(src, metadata={"attention.sliding_window": 4},
+                     types={"blk.0.attn_q.weight": T.Q4_0, "blk.5.ffn_down.weight": T.F16,
+                            "token_embd.weight": T.Q4_1})
+    pkg = convert_file(src, tmp_path / "pkg", progress=False)
+    model, config = load_model(pkg)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=src.name,
+                                                           dtype=torch.float32)
+    for key in ("model_type", "sliding_window", "layer_types", "num_key_value_heads",
+                "head_dim", "tie_word_embeddings"):
+        assert config[key] == getattr(hf.config, key), key
+    assert config["rope_theta"] == hf.config.rope_parameters["full_attention"]["rope_theta"]
+    assert (config["rope_local_base_freq"]
+            == hf.config.rope_parameters["sliding_attention"]["rope_theta"])
+
+    theirs = hf.state_dict()
+    ours = dict(mx.load(str(pkg / "model.safetensors")))
+    norms = [k for k in ours if k.endswith("norm.weight")]
+    assert len(norms) == 1 + 6 * 6
+    for k in norms:  # transformers subtracts llama.cpp's 1 too, in float32
+        assert np.array_equal(np.array(ours[k]), theirs[k].numpy()), k
+
+    ids = np.random.default_rng(1).integers(0, 128, size=(1, 24))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert rel_err(np.array(model(mx.array(ids))), ref) < 1e-4
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ({"attention.sliding_window": 8}, "SSSSSF" "SS"),  # llama.cpp's default: every 6th is global
+    ({"attention.sliding_window": 8, "attention.sliding_window_pattern": 3}, "SSF" "SSF" "SS"),
+    ({"attention.sliding_window": 8,
+      "attention.sliding_window_pattern": [True, False] * 4}, "SF" * 4),
+    ({}, "F" * 8),  # no window: every layer global
+])
+def test_sliding_window_pattern(tmp_path, metadata, expected):
+    src = tmp_path / "g.gguf"
+    tiny_gemma3_gguf(src, layers=8, metadata=metadata | {"rope.freq_base_swa": 5000.0,
+                                                          "final_logit_softcapping": 30.0})
+    reader = open_gguf(src)
+    config = hf_config(reader, {t.name for t in reader.tensors})
+    names = {"S": "sliding_attention", "F": "full_attention"}
+    assert config["layer_types"] == [names[c] for c in expected]
+    assert config["sliding_window"] == metadata.get("attention.sliding_window")
+    assert config["rope_local_base_freq"] == 5000.0
+    assert config["final_logit_softcapping"] == 30.0
+    assert config["query_pre_attn_scalar"] == config["head_dim"] == 256
+    assert config["hidden_activation"] == "gelu_pytorch_tanh" and "hidden_act" not in config

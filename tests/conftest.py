@@ -24,12 +24,22 @@ def smollm_package(smollm_gguf, tmp_path_factory) -> Path:
                         progress=False)
 
 
+# (file type, --tensor-type) for types that cannot take the whole of SmolLM2 (no fallback for
+# its 576-wide rows: Q1_0) or would take minutes (IQ4_*), and for Q2_K, whose file type puts
+# Q3_K on the one tensor kind with whole blocks of 256 (ffn_down, 1536 wide): layers 0-9 Q2_K.
+_TENSOR_TYPES = {"Q1_0": ("Q8_0", "ffn_down=q1_0"), "Q2_K": ("Q2_K", r"blk\.\d\.ffn_down=q2_k"),
+                 "IQ4_NL": ("Q8_0", r"blk\.0\.=iq4_nl"), "IQ4_XS": ("Q8_0", r"blk\.0\.=iq4_xs")}
+
+
 @pytest.fixture(scope="session")
 def quantized_smollm(smollm_gguf, tmp_path_factory):
     """A factory: `quantized_smollm("Q4_K_M")` is SmolLM2-135M-Instruct re-quantized by
     llama.cpp's llama-quantize (--allow-requantize, from the embedded Q4_1 + Q8_0 file) to that
-    type (any name llama-quantize takes: Q4_K_M, Q1_0, TQ2_0, Q2_K, Q6_K, IQ4_NL, ...), made once
-    per session. llama-quantize comes from tests/fetch_data.sh; without it the test fails."""
+    type (a name llama-quantize takes: Q4_K_M, TQ2_0, Q2_0, Q2_K, Q6_K, ...), made once per
+    session. Tensors whose rows are not whole blocks of the type get llama.cpp's fallback type;
+    Q1_0 (no fallback) is ffn_down only and IQ4_NL / IQ4_XS layer 0 only, the rest Q8_0; Q2_K
+    has ffn_down of layers 0-9 in Q2_K (its file type gives them Q3_K, as it does the rest).
+    llama-quantize comes from tests/fetch_data.sh; without it the test fails."""
     import subprocess
 
     from testdata import data_file
@@ -41,8 +51,12 @@ def quantized_smollm(smollm_gguf, tmp_path_factory):
         if type_name not in made:
             tool = data_file("llama.cpp/bin/llama-quantize")
             out = folder / f"SmolLM2-135M-Instruct.{type_name}.gguf"
-            run = subprocess.run([str(tool), "--allow-requantize", str(smollm_gguf), str(out),
-                                  type_name, "2"], capture_output=True, text=True)
+            args = [str(tool), "--allow-requantize"]
+            ftype, tensors = _TENSOR_TYPES.get(type_name, (type_name, None))
+            if tensors:
+                args += ["--tensor-type", tensors]
+            run = subprocess.run(args + [str(smollm_gguf), str(out), ftype, "2"],
+                                 capture_output=True, text=True)
             if run.returncode:
                 pytest.fail(f"llama-quantize {type_name} failed:\n{run.stderr[-2000:]}")
             made[type_name] = out

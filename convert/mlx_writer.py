@@ -63,7 +63,10 @@ def _arrays(record: TensorRecord) -> dict[str, np.ndarray]:
     if not record.name.endswith(".weight"):
         raise EdgertError(f"quantized tensor {record.name} is not a .weight")
     module = record.name.removesuffix(".weight")
-    return {f"{module}.weight": v.w_q, f"{module}.scales": v.scales, f"{module}.biases": v.biases}
+    arrays = {f"{module}.weight": v.w_q, f"{module}.scales": v.scales}
+    if v.biases is not None:  # mode "mxfp4" has none
+        arrays[f"{module}.biases"] = v.biases
+    return arrays
 
 
 def quantization_config(quantized: dict[str, QuantTensor]) -> dict | None:

@@ -42,8 +42,9 @@ class SplitMatmul:
     """The row-sharded form of one quantized weight, with the policy for when to use it."""
 
     def __init__(self, module, n: int, min_work: int):
-        w, s, b = module.weight, module.scales, module.biases
-        self.shards = split_rows([w, s, b], n)
+        w, s, b = module.weight, module.scales, module.get("biases")  # no biases in "mxfp4"
+        self.shards = [shard + [None] * (b is None) for shard in
+                       split_rows([w, s] if b is None else [w, s, b], n)]
         self.streams = cpu_streams(n)
         self.rows, self.cols = w.shape[0], w.shape[1] * 32 // module.bits
         self.min_work = min_work

@@ -13,6 +13,7 @@ Re-quantized types (Q2_K, Q6_K, and the opt-in path) are held to the error they 
 from __future__ import annotations
 
 import ctypes
+import json
 import struct
 
 import gguf
@@ -428,3 +429,29 @@ def test_reader_tells_type_ids_apart(tmp_path):
         mapped = mlx_type(t.tensor_type).to_mlx(t.data, (rows, cols))
         assert mapped.mapping in (EXACT, F32_SCALES_EXACT)
         assert_maps(mapped, reference(raws[name], t.tensor_type, (rows, cols)), t.tensor_type)
+
+
+def test_mxfp4_model_converts_loads_and_runs(tmp_path):
+    """Mode "mxfp4" through the writer (no biases) and the package loader."""
+    from test_convert_gguf import tiny_gguf
+
+    from edgert.convert.api import convert_file
+    from edgert.convert.gguf_reader import hf_name
+    from edgert.package import load_model
+
+    src = tmp_path / "tiny-mxfp4.gguf"
+    expected = tiny_gguf(src, qtype=T.MXFP4)  # GGUF name -> reference, HF row order
+    out = convert_file(src, tmp_path / "pkg", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["mode"] == "mxfp4"
+    weights = mx.load(str(out / "model.safetensors"))
+    for gguf_name, ref in expected.items():
+        module = hf_name(gguf_name).removesuffix(".weight")
+        if ref.ndim == 2:
+            assert f"{module}.biases" not in weights
+            t = QuantTensor(np.array(weights[f"{module}.weight"]),
+                            np.array(weights[f"{module}.scales"]), None, 4, 32, "mxfp4")
+            assert_bit_exact(mlx_dequantize(t), ref)
+    model, _ = load_model(out)
+    logits = model(mx.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 128) and np.isfinite(np.array(logits)).all()

@@ -37,6 +37,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
 def embed(embedding: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
     """Look up (B, L) ids -> (B, L, dim) in `dtype`. A quantized table is dequantized in `dtype`
     (MLX's own lookup computes scale * q + bias in the scales' dtype, which rounds in float16)."""
+    if isinstance(embedding, nn.QuantizedEmbedding) and embedding.mode != "affine":
+        return mx.dequantize(embedding["weight"][ids], embedding["scales"][ids], None,
+                             embedding.group_size, embedding.bits, mode=embedding.mode,
+                             dtype=dtype)  # e.g. "mxfp4": uint8 exponents, no biases
     if isinstance(embedding, nn.QuantizedEmbedding):
         return mx.dequantize(embedding["weight"][ids], embedding["scales"][ids].astype(dtype),
                              embedding["biases"][ids].astype(dtype), embedding.group_size,

@@ -24,11 +24,18 @@ def smollm_package(smollm_gguf, tmp_path_factory) -> Path:
                         progress=False)
 
 
-# (file type, --tensor-type) for types that cannot take the whole of SmolLM2 (no fallback for
-# its 576-wide rows: Q1_0) or would take minutes (IQ4_*), and for Q2_K, whose file type puts
-# Q3_K on the one tensor kind with whole blocks of 256 (ffn_down, 1536 wide): layers 0-9 Q2_K.
-_TENSOR_TYPES = {"Q1_0": ("Q8_0", "ffn_down=q1_0"), "Q2_K": ("Q2_K", r"blk\.\d\.ffn_down=q2_k"),
-                 "IQ4_NL": ("Q8_0", r"blk\.0\.=iq4_nl"), "IQ4_XS": ("Q8_0", r"blk\.0\.=iq4_xs")}
+# (file type, --tensor-type patterns) for types that cannot take the whole of SmolLM2 (no
+# fallback for its 576-wide rows: Q1_0) or would take minutes (IQ4_*); for Q2_K, whose file type
+# puts Q3_K on the one tensor kind with whole blocks of 256 (ffn_down, 1536 wide); and "MIXED",
+# one ffn_down each in types no file type above produces.
+_TENSOR_TYPES = {
+    "Q1_0": ("Q8_0", ["ffn_down=q1_0"]),
+    "Q2_K": ("Q2_K", [r"blk\.\d\.ffn_down=q2_k"]),
+    "IQ4_NL": ("Q8_0", [r"blk\.0\.=iq4_nl"]),
+    "IQ4_XS": ("Q8_0", [r"blk\.0\.=iq4_xs"]),
+    "MIXED": ("Q8_0", [rf"blk\.{i}\.ffn_down={t}" for i, t in
+                       enumerate(["q5_k", "iq4_xs", "tq1_0", "q3_k", "q5_1", "q2_0"])]),
+}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +45,8 @@ def quantized_smollm(smollm_gguf, tmp_path_factory):
     type (a name llama-quantize takes: Q4_K_M, TQ2_0, Q2_0, Q2_K, Q6_K, ...), made once per
     session. Tensors whose rows are not whole blocks of the type get llama.cpp's fallback type;
     Q1_0 (no fallback) is ffn_down only and IQ4_NL / IQ4_XS layer 0 only, the rest Q8_0; Q2_K
-    has ffn_down of layers 0-9 in Q2_K (its file type gives them Q3_K, as it does the rest).
+    has ffn_down of layers 0-9 in Q2_K (its file type gives them Q3_K, as it does the rest);
+    "MIXED" is Q8_0 with ffn_down of layers 0-5 in Q5_K, IQ4_XS, TQ1_0, Q3_K, Q5_1, Q2_0.
     llama-quantize comes from tests/fetch_data.sh; without it the test fails."""
     import subprocess
 
@@ -52,9 +60,9 @@ def quantized_smollm(smollm_gguf, tmp_path_factory):
             tool = data_file("llama.cpp/bin/llama-quantize")
             out = folder / f"SmolLM2-135M-Instruct.{type_name}.gguf"
             args = [str(tool), "--allow-requantize"]
-            ftype, tensors = _TENSOR_TYPES.get(type_name, (type_name, None))
-            if tensors:
-                args += ["--tensor-type", tensors]
+            ftype, tensors = _TENSOR_TYPES.get(type_name, (type_name, []))
+            for pattern in tensors:
+                args += ["--tensor-type", pattern]
             run = subprocess.run(args + [str(smollm_gguf), str(out), ftype, "2"],
                                  capture_output=True, text=True)
             if run.returncode:

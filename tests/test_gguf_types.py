@@ -393,7 +393,7 @@ def test_gemma3_q4_k_m_maps():
 @pytest.mark.parametrize("type_name, expect", [
     ("Q4_K_M", {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}), ("Q1_0", {"Q1_0"}), ("TQ2_0", {"TQ2_0"}),
     ("Q2_0", {"Q2_0"}), ("Q2_K", {"Q2_K", "Q3_K"}), ("Q6_K", {"Q6_K"}),
-    ("IQ4_NL", {"IQ4_NL"})])
+    ("IQ4_NL", {"IQ4_NL"}), ("MIXED", {"Q5_K", "IQ4_XS", "TQ1_0", "Q3_K", "Q5_1", "Q2_0"})])
 def test_llama_quantize_files_map(quantized_smollm, type_name, expect):
     """SmolLM2 re-quantized by llama-quantize: real blocks of each type (tensors whose rows
     are not whole 256 / 128 blocks get llama.cpp's fallback types, mapped the same way)."""

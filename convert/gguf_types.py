@@ -22,8 +22,8 @@ of that row. Block layouts follow ggml-common.h (`block_q4_0`, ...) and gguf-py'
 | Q4_K      | 256: d, dmin, 6-bit sc/m    | 4-bit g32, s = d*sc, b = -dmin*m      | f32 exact| 4.5 -> 6   |
 | Q5_K      | 256: as Q4_K + high bits    | 5-bit g32, s = d*sc, b = -dmin*m      | f32 exact| 5.5 -> 7   |
 | Q3_K      | 256: 16 x 16, 6-bit sc      | 8-bit g128, q = 128 - sc*q, s = -d, b = 128d | widened | 3.44->8.25 |
-| Q2_K      | 256: 16 x 16, 4-bit sc/m    | 8-bit g32 re-quantized (min-max)      | requant. | 2.63->8.5  |
-| Q6_K      | 256: 16 x 16, int8 sc       | 8-bit g32 re-quantized (min-max)      | requant. | 6.56->8.5  |
+| Q2_K      | 256: 16 x 16, 4-bit sc/m    | 8-bit g32 re-quantized (min-max)      | requant. | 2.63 -> 9  |
+| Q6_K      | 256: 16 x 16, int8 sc       | 8-bit g32 re-quantized (min-max)      | requant. | 6.56 -> 9  |
 | IQ4_NL    | 32: f16 d, 16 B table idx   | 8-bit g32, q = kv + 128, s = d, b = -128d | widened | 4.5 -> 9 |
 | IQ4_XS    | 256: d, 6-bit sc per 32     | 8-bit g32, q = kv + 128, s = d*sc, b = -128s | widened | 4.25->10 |
 | MXFP4     | 32: E8M0 e, 16 B e2m1       | mode "mxfp4" g32, scale = e, nibbles re-ordered | exact | 4.25 -> 4.25 |

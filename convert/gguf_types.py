@@ -212,11 +212,9 @@ class BF16(GGMLType, qtype=T.BF16):
                       "bf16 widened to float32 (exact)")
 
 
-def _blocks(cls, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    rows, cols = shape
-    block_size, type_size = type_layout(cls.qtype)
-    # (rows * cols // block_size, type_size) uint8
-    return np.ascontiguousarray(data).view(np.uint8).reshape(-1, type_size)
+def _blocks(qtype: QType, data: np.ndarray) -> np.ndarray:
+    """gguf-py's (rows, bytes per row) uint8 -> (rows * cols // block_size, type_size)."""
+    return np.ascontiguousarray(data).view(np.uint8).reshape(-1, type_layout(qtype)[1])
 
 
 class BlockType(GGMLType):
@@ -235,7 +233,7 @@ class BlockType(GGMLType):
     @classmethod
     def to_mlx(cls, data, shape):
         rows, cols = shape
-        q, s, b = cls.affine(_blocks(cls, data, shape))
+        q, s, b = cls.affine(_blocks(cls.qtype, data))
         w_q = pack_rows(q.reshape(rows, cols), cls.bits)  # (rows, cols * bits // 32) uint32
         s, b = s.reshape(rows, -1), b.reshape(rows, -1)  # (rows, cols // group_size) float32
         with np.errstate(over="ignore"):
@@ -336,7 +334,7 @@ class MXFP4(GGMLType, qtype=T.MXFP4):
     @classmethod
     def to_mlx(cls, data, shape):
         rows, cols = shape
-        blocks = _blocks(cls, data, shape)
+        blocks = _blocks(cls.qtype, data)
         e = blocks[:, :1]  # (n, 1) uint8
         if (e == 255).any():
             raise UnsupportedError("MXFP4 block with E8M0 scale 255 (NaN in MLX's mxfp4)")

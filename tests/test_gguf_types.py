@@ -174,6 +174,7 @@ def test_gguf_py_quantized_weights_map_exactly(qtype):
     assert_maps(mapped, gguf.quants.dequantize(raw, qtype), qtype)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # gguf-py: inf
 @pytest.mark.parametrize("qtype", list(CLASSES), ids=lambda t: t.name)
 def test_random_blocks_map_onto_the_reference(qtype):
     """Every supported type on random block bytes: exact classes bit for bit, re-quantized

@@ -23,8 +23,9 @@ from gguf.quants import dequantize as gguf_dequantize
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
 
-from .canonical import EXACT, REQUANTIZED, CanonicalModel, QuantTensor, TensorRecord
-from .gguf_types import TYPES, ExtraType, ggml_type, mlx_type, type_layout
+from .canonical import (EXACT, F32_SCALES_EXACT, REQUANTIZED, WIDENED, CanonicalModel,
+                        QuantTensor, TensorRecord)
+from .gguf_types import TYPES, ExtraType, Mapped, ggml_type, mlx_type, type_layout
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
@@ -101,6 +102,9 @@ class _CheckedReader(GGUFReader):
             name = bytes(name).decode("utf-8", "replace")
             n = math.prod(int(d) for d in dims)
             begin = start_offs + int(offset[0])
+            if begin >= size:
+                raise _Corrupt(f"truncated or corrupt GGUF: tensor {name} data (byte {begin}) "
+                               f"lies beyond the end of the file ({size} bytes)")
             room = starts[bisect.bisect_right(starts, begin)] - begin  # up to the next tensor
             try:  # an id's readings (mainline, PrismML) differ in bytes per block
                 qtype = ggml_type(int(raw_type[0]), n, room)
@@ -343,6 +347,45 @@ def _unpermute(value: np.ndarray | QuantTensor, n_head: int) -> np.ndarray | Qua
     return unpermute_rows(value, n_head)
 
 
+CHUNK_BYTES = 16 << 20  # source bytes mapped per step: bounds the temporaries of to_mlx
+_CLASS_ORDER = (EXACT, WIDENED, F32_SCALES_EXACT, REQUANTIZED)  # a tensor gets its worst chunk's
+
+
+def map_in_chunks(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
+    """`cls.to_mlx(data, shape)` computed over chunks of rows written into preallocated
+    outputs, so that converting a tensor needs its output plus one chunk's temporaries,
+    not several full-size intermediates (a Llama 3 embedding has 525M weights)."""
+    if len(shape) != 2 or data.nbytes <= CHUNK_BYTES:
+        return cls.to_mlx(data, shape)
+    rows, cols = shape
+    data = data.reshape(rows, -1)  # (rows, bytes per row)
+    step = max(1, rows * CHUNK_BYTES // data.nbytes)
+    first = cls.to_mlx(data[:step], (step, cols))
+    if not isinstance(first.value, QuantTensor):
+        return cls.to_mlx(data, shape)
+    q = first.value
+    w_q = np.empty((rows, q.w_q.shape[1]), q.w_q.dtype)
+    scales = np.empty((rows, q.scales.shape[1]), q.scales.dtype)
+    biases = None if q.biases is None else np.empty((rows, q.biases.shape[1]), q.biases.dtype)
+    worst, error = first, 0.0
+    for lo in range(0, rows, step):
+        m = first if lo == 0 else cls.to_mlx(data[lo:lo + step], (min(step, rows - lo), cols))
+        c = m.value
+        if c.scales.dtype != scales.dtype:  # a chunk needed float32 scales: widen (exact)
+            scales = scales.astype(np.float32)
+            biases = None if biases is None else biases.astype(np.float32)
+        w_q[lo:lo + step], scales[lo:lo + step] = c.w_q, c.scales
+        if biases is not None:
+            biases[lo:lo + step] = c.biases
+        if _CLASS_ORDER.index(m.mapping) > _CLASS_ORDER.index(worst.mapping):
+            worst = m
+        error = max(error, m.max_abs_error)
+    if scales.dtype == np.float32 and biases is not None:
+        biases = biases.astype(np.float32)
+    value = QuantTensor(w_q, scales, biases, q.bits, q.group_size, q.mode)
+    return worst._replace(value=value, max_abs_error=error)
+
+
 def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
     """gguf-py's reference dequantization of tensor `t` in numpy order, float32."""
     w = gguf_dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
@@ -444,7 +487,7 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                 record.note += f"; {t.tensor_type.name} has no exact MLX layout"
                 yield record
                 continue
-            m = mlx_type(t.tensor_type, t.name).to_mlx(t.data, shape)
+            m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
             value = _unpermute(m.value, n_head) if n_head else m.value
             record = TensorRecord(name, value, t.name, t.tensor_type.name, m.mapping,
                                   m.max_abs_error, note=m.note, reference=reference)

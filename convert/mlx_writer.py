@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -37,23 +37,40 @@ class OutputExistsError(EdgertError):
     """The output folder exists and replacing it was not asked for."""
 
 
-def save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write a safetensors file, streaming each array from where it lives (no full copy)."""
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, a in arrays.items():
+class ShardWriter:
+    """A safetensors file written tensor by tensor: data goes straight to disk behind a header
+    area reserved up front (`reserve` bytes, padded with spaces as the format allows), so a
+    shard never has to be held in memory."""
+
+    def __init__(self, path: Path, reserve: int):
+        self.path, self.reserve = path, reserve + (-reserve % 8)  # data 8-byte aligned
+        self._f = open(path, "wb")
+        self._f.seek(8 + self.reserve)
+        self.header: dict = {}
+        self.nbytes = 0
+
+    def add(self, name: str, a: np.ndarray) -> None:
         if a.dtype.name not in _ST_DTYPES:
             raise EdgertError(f"tensor {name}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for a in arrays.values():
-            f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).data)
+        self.header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                             "data_offsets": [self.nbytes, self.nbytes + a.nbytes]}
+        self._f.write(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).data)
+        self.nbytes += a.nbytes
+
+    def close(self, metadata: dict[str, str]) -> None:
+        blob = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        if len(blob) > self.reserve:
+            raise EdgertError(f"{self.path.name}: header of {len(blob)} bytes exceeds the "
+                              f"{self.reserve} reserved")
+        self._f.seek(0)
+        self._f.write(self.reserve.to_bytes(8, "little"))
+        self._f.write(blob + b" " * (self.reserve - len(blob)))
+        self._f.close()
+
+
+def header_reserve(names: int) -> int:
+    """Bytes to reserve for the header of a shard holding up to `names` tensors."""
+    return 4096 + 320 * names
 
 
 def _arrays(record: TensorRecord) -> dict[str, np.ndarray]:
@@ -122,35 +139,49 @@ def write_mlx_package(model: CanonicalModel, out: Path, *, force: bool = False,
     return out
 
 
+class _QuantLayout(NamedTuple):
+    """What config.json needs of a quantized tensor (its arrays are on disk already)."""
+
+    bits: int
+    group_size: int
+    mode: str
+    shape: tuple[int, int]
+
+
 def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> None:
-    shards: list[dict[str, np.ndarray]] = []
-    pending: dict[str, np.ndarray] = {}
-    pending_bytes = 0
-    quantized: dict[str, QuantTensor] = {}
+    shards: list[dict[str, int]] = []  # per shard: tensor name -> bytes
+    reserve = header_reserve(3 * model.tensor_count + 16)
+    writer: ShardWriter | None = None
+    quantized: dict[str, _QuantLayout] = {}
     reports: dict[str, dict] = {}
     totals: list[dict] = []
 
     def flush():
-        nonlocal pending, pending_bytes
-        if pending:
-            save_safetensors(folder / f"shard-{len(shards):05d}.tmp", pending, {"format": "mlx"})
-            shards.append({k: v.nbytes for k, v in pending.items()})
-            pending, pending_bytes = {}, 0
+        nonlocal writer
+        if writer is not None:
+            writer.close({"format": "mlx"})
+            writer = None
 
     for record in model.tensors():
         arrays = _arrays(record)
         size = sum(a.nbytes for a in arrays.values())
-        if pending and pending_bytes + size > shard_bytes:
+        if writer is not None and writer.nbytes and writer.nbytes + size > shard_bytes:
             flush()
-        pending.update(arrays)
-        pending_bytes += size
-        if isinstance(record.value, QuantTensor):
-            quantized[record.name.removesuffix(".weight")] = record.value
+        if writer is None:
+            writer = ShardWriter(folder / f"shard-{len(shards):05d}.tmp", reserve)
+            shards.append({})
+        for name, a in arrays.items():
+            writer.add(name, a)
+            shards[-1][name] = a.nbytes
+        if isinstance(v := record.value, QuantTensor):
+            quantized[record.name.removesuffix(".weight")] = _QuantLayout(
+                v.bits, v.group_size, v.mode, v.shape)
         reports[record.name] = record.report()
         totals.append({"source_type": record.source_type, "bytes": size,
                        "parameters": int(np.prod(record.shape))})
         if on_tensor is not None:
             on_tensor(record)
+        del record, arrays, v  # the next tensor may be as big: hold one at a time
     flush()
     if not shards:
         raise EdgertError("the model has no tensors")

@@ -76,7 +76,7 @@ def tiny_gguf(path: Path, arch: str = "llama", qtype: T = T.Q4_0, types: dict | 
     for name, shape in shapes.items():
         x = (0.1 * rng.standard_normal(shape) + ("norm" in name)).astype(np.float32)
         t = (types or {}).get(name, qtype if len(shape) == 2 else T.F32)
-        if t in (T.Q6_K, T.Q2_K):  # no numpy quantizer: random blocks
+        if t in (T.Q6_K, T.Q2_K, T.IQ2_XXS, T.IQ3_S):  # no numpy quantizer: random blocks
             block, size = gguf.GGML_QUANT_SIZES[t]
             raw = rng.integers(0, 256, (shape[0], shape[1] // block * size), dtype=np.uint8)
             w.add_tensor(name, raw, raw_dtype=t)
@@ -443,7 +443,7 @@ def test_unknown_architecture(tmp_path):
     assert_refused(src, tmp_path, "unknown architecture 'gpt2'", kind=UnsupportedError)
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q2_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ3_S], ids=lambda t: t.name)
 def test_unsupported_tensor_type(tmp_path, qtype):
     src = tmp_path / "k.gguf"
     tiny_gguf(src, layers=1, hidden=256, heads=4, kv_heads=4, ffn=256,

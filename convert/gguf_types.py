@@ -528,7 +528,8 @@ def requantize_rows(w: np.ndarray, bits: int, group_size: int,
             s, b = s.astype(dtype).astype(np.float32), b.astype(dtype).astype(np.float32)
             d = mx.dequantize(mx.array(q), mx.array(s), mx.array(b), group_size=group_size,
                               bits=bits)
-            err = max(err, float(mx.abs(d - x).max().item()), key=lambda e: (e != e, e))
+            e = float(mx.abs(d - x).max().item())
+            err = e if e != e or e > err else err  # a NaN sticks (Python's max would drop it)
     w_q, s, b = (np.concatenate([p[i] for p in parts]) for i in range(3))
     return QuantTensor(w_q, s.astype(dtype), b.astype(dtype), bits, group_size), err
 

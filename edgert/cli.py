@@ -44,24 +44,77 @@ def sampling_kwargs(kw: dict) -> dict:
     return {k: kw[k] for k in keys}
 
 
-def load_with_status(model: str | None):
+def load_with_status(model: str | None, engine: str | None = None):
+    """(model, tokenizer) for `engine` "mlx" or "coreml" (default: coreml for a .mlpackage)."""
     from rich.console import Console
 
-    from .package import load
-
+    if engine is None:
+        engine = "coreml" if model and Path(model).suffix == ".mlpackage" else "mlx"
     with Console(stderr=True).status("loading model…"):
+        if engine == "coreml":
+            if model is None:
+                raise EdgertError("--engine coreml needs a .mlpackage (make one with "
+                                  "`edgert convert SRC --to coreml -o Model.mlpackage`)")
+            from .coreml_engine import load_coreml
+
+            return load_coreml(model)
+        from .package import load
+
         return load(model)
+
+
+ENGINE_HELP = ("mlx, or coreml for a .mlpackage: Core ML on macOS 15+, edgert's numpy MIL "
+               "interpreter elsewhere (slow). Default: coreml for a .mlpackage, else mlx.")
+
+
+def coreml_export(f):
+    """--to / --target / --context on `convert`: with --to coreml, write a .mlpackage."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(to, target, context, **kw):
+        if to != "coreml":
+            if target is not None or context is not None:
+                raise EdgertError("--target and --context apply to --to coreml only")
+            return f(**kw)
+        from rich.console import Console
+
+        from .convert.coreml_writer import convert_to_coreml
+
+        options = {k: kw[k] for k in ("overrides", "requantize", "scale_dtype") if k in kw}
+        for k in ("bits", "group_size"):
+            if kw.get(k) is not None:
+                options[k] = int(kw[k])
+        with Console(stderr=True).status(f"converting {kw['src'].name} to Core ML…"):
+            report = convert_to_coreml(kw["src"], kw["out"], context=context,
+                                       target=target or "iOS18", force=kw["force"], **options)
+        s = report["summary"]
+        click.echo(f"wrote {report['path']} ({report['target']}, context {report['context']}, "
+                   f"{s['parameters'] / 1e6:.0f}M parameters at {s['bits_per_weight']:.2f} "
+                   f"bits/weight, {report['seconds']['total']:.0f} s)")
+
+    wrapper = click.option("--context", type=click.IntRange(min=1), default=None,
+                           help="Core ML: KV-cache length (default 2048 or the model's limit, "
+                                "if less).")(wrapper)
+    wrapper = click.option("--target", type=click.Choice(["iOS18", "iOS26"]), default=None,
+                           help="Core ML deployment target (default iOS18; iOS26 packs 1-bit "
+                                "and ternary weights tighter).")(wrapper)
+    return click.option("--to", "to", type=click.Choice(["mlx", "coreml"]), default="mlx",
+                        show_default=True,
+                        help="mlx: an MLX package folder; coreml: a Core ML package "
+                             "(OUT must end in .mlpackage).")(wrapper)
 
 
 @cli.command()
 @click.argument("model", required=False)
 @sampling_options
 @click.option("--system", default=None, help="System prompt.")
-def chat(model, system, max_tokens, **kw):
+@click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
+def chat(model, system, max_tokens, engine, **kw):
     """Chat with a model, streaming. /reset starts over, /exit quits; Ctrl-C stops a reply."""
     from .chat import run_chat
 
-    run_chat(load_with_status(model), system=system, max_tokens=max_tokens,
+    run_chat(load_with_status(model, engine), system=system, max_tokens=max_tokens,
              sampling=sampling_kwargs(kw))
 
 
@@ -72,7 +125,8 @@ def chat(model, system, max_tokens, **kw):
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @click.option("--system", default=None, help="System prompt (with the chat template).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(model, prompt, max_tokens, raw, system, as_json, **kw):
+@click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
+def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
     """Generate a reply to PROMPT with MODEL."""
     from .generation import stream_generate
 
@@ -80,7 +134,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, **kw):
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise EdgertError("empty prompt: give some text with -p")
-    m, tok = load_with_status(model)
+    m, tok = load_with_status(model, engine)
     text = prompt
     if not raw and tok.has_chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -122,6 +176,7 @@ def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:
 
 
 @cli.command()
+@coreml_export
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

@@ -94,3 +94,90 @@ def test_empty_prompt(smollm_package, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     p = run("--debug", "info", str(tmp_path / "nope.gguf"), env_home=tmp_path)
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+# -------------------------------------------------------------------------------------------
+# Core ML: `convert --to coreml`, then `chat` / `generate --engine coreml` (the numpy MIL
+# interpreter here) against the MLX engine on the same GGUF
+# -------------------------------------------------------------------------------------------
+
+COREML_CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def coreml_package(tmp_path_factory) -> Path:
+    """The default model exported by the CLI (all 30 blocks; a few minutes on 2 cores)."""
+    from edgert.paths import default_model_gguf
+
+    root = tmp_path_factory.mktemp("coreml")
+    out = root / "SmolLM2.mlpackage"
+    p = run("convert", str(default_model_gguf()), "--to", "coreml", "-o", str(out),
+            "--context", str(COREML_CONTEXT), env_home=root, timeout=1200)
+    assert p.returncode == 0, p.stderr
+    assert f"wrote {out}" in p.stdout and "context 256" in p.stdout
+    assert sorted(x.name for x in root.iterdir()) == ["SmolLM2.mlpackage"]  # no temp folder
+    return out
+
+
+def test_coreml_export_decodes_like_mlx(coreml_package, smollm_package):
+    """The exported program, run op by op, gives the MLX engine's greedy tokens and logits
+    (fp16 Core ML vs float32 MLX) through prefill and several decode steps."""
+    import mlx.core as mx
+    import numpy as np
+
+    from edgert.coreml_engine import load_coreml
+    from edgert.generation import generate_step
+    from edgert.package import load
+
+    coreml, tok = load_coreml(coreml_package, backend="interpreter")
+    assert coreml.context == COREML_CONTEXT and coreml.manifest["num_hidden_layers"] == 30
+    model, mlx_tok = load(smollm_package)
+    prompt = mx.array(tok.encode("The capital of France is"), dtype=mx.uint32)
+    assert prompt.tolist() == mlx_tok.encode("The capital of France is")
+    ours = list(generate_step(prompt, coreml, max_tokens=6))
+    ref = list(generate_step(prompt, model, max_tokens=6))
+    assert [t for t, _ in ours] == [t for t, _ in ref]
+    for (_, a), (_, b) in zip(ours, ref):  # logprobs (vocab,)
+        a, b = np.array(a), np.array(b)
+        top = np.argsort(b)[-50:]  # where the probability mass is
+        assert np.abs(a[top] - b[top]).max() < 0.1, np.abs(a[top] - b[top]).max()
+
+
+def _replies(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if "tok/s" not in line]
+
+
+def test_chat_engine_coreml_matches_mlx(coreml_package, smollm_package, tmp_path):
+    stdin = "What is the capital of France?\n/exit\n"
+    mlx = run("chat", str(smollm_package), "-n", "8", env_home=tmp_path, stdin=stdin)
+    coreml = run("chat", "--engine", "coreml", str(coreml_package), "-n", "8",
+                 env_home=tmp_path, stdin=stdin, timeout=900)
+    assert mlx.returncode == 0 and coreml.returncode == 0, coreml.stderr
+    assert "Paris" in mlx.stdout
+    assert _replies(coreml.stdout) == _replies(mlx.stdout)
+    assert coreml.stdout.count("tok/s") == 2  # one stats line: prompt and generation
+
+
+def test_coreml_convert_errors(tmp_path):
+    from edgert.paths import default_model_gguf
+
+    gguf = str(default_model_gguf())
+    existing = tmp_path / "exists.mlpackage"
+    existing.mkdir()
+    assert_one_line_error(run("convert", gguf, "--to", "coreml", "-o", str(existing),
+                              env_home=tmp_path), "exists", "--force")
+    assert_one_line_error(run("convert", gguf, "--to", "coreml", "-o",
+                              str(tmp_path / "long.mlpackage"), "--context", "100000",
+                              env_home=tmp_path), "context 100000", "8192")
+    assert_one_line_error(run("convert", gguf, "--to", "coreml", "-o",
+                              str(tmp_path / "m.mlmodel"), env_home=tmp_path), ".mlpackage")
+    assert_one_line_error(run("convert", gguf, "-o", str(tmp_path / "mlx"), "--context", "64",
+                              env_home=tmp_path), "--to coreml")
+    hf = tmp_path / "phi3"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "phi3", "hidden_size": 64}))
+    assert_one_line_error(run("convert", str(hf), "--to", "coreml", "-o",
+                              str(tmp_path / "phi3.mlpackage"), env_home=tmp_path), "phi3")
+    assert_one_line_error(run("chat", "--engine", "coreml", str(tmp_path / "none.mlpackage"),
+                              env_home=tmp_path, stdin="/exit\n"), "no such core ml package")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.mlpackage", "phi3"]

@@ -486,6 +486,69 @@ def build_program(arch: Arch, weights: dict[str, Encoded], context: int, functio
     return prog
 
 
+def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int, target: str):
+    """Both functions in one MLModel (not loaded), weights stored once.
+
+    Each function goes through coremltools' pass pipeline on its own; the two optimised
+    programs are then joined in memory and serialised once, consts shared across functions
+    by coremltools' own cross-function deduplication (what `save_multifunction` does after
+    reloading both packages from disk: that round trip unpacks every sub-byte weight again and
+    needed ~19 GiB for one Qwen3-8B layer plus its 152k-row embedding and head)."""
+    import coremltools as ct
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.mil import Program
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    multi = Program()
+    for fn in FUNCTIONS:
+        prog = build_program(arch, weights, context, fn, target)
+        optimised = convert_program(prog, fn, context, target, convert_to="milinternal")
+        multi.add_function(fn, optimised.functions["main"])
+    multi.default_function_name = "decode"
+    PASS_REGISTRY["common::const_deduplication"]._deduplicate_const_across_functions(multi)
+    multi.skip_all_passes = True
+    multi.export_as_multifunction = True
+    with _quiet_passes(), _lean_bit_packing():
+        return mil_convert(multi, convert_to="mlprogram", convert_from="milinternal",
+                           specification_version=getattr(ct.target, target),
+                           compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
+
+
+def pack_bits_lsb(elements: np.ndarray, nbits: int) -> np.ndarray:
+    """coremltools' `pack_elements_into_bits` (element i at bit i*nbits, LSB first, uint8
+    out) in bounded memory: theirs expands every element to 8 bytes at once."""
+    flat = elements.reshape(-1).astype(np.uint8, copy=False)
+    if 8 % nbits == 0:
+        per = 8 // nbits
+        pad = (-len(flat)) % per
+        if pad:
+            flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
+        out = np.zeros(len(flat) // per, np.uint8)
+        mask = np.uint8((1 << nbits) - 1)
+        for k in range(per):  # (n // per,) each
+            out |= (flat[k::per] & mask) << np.uint8(k * nbits)
+        return out
+    chunk = 1 << 20  # elements per chunk, a multiple of 8: chunks end on byte boundaries
+    parts = []
+    for start in range(0, len(flat), chunk):
+        bits = np.unpackbits(flat[start:start + chunk, None], axis=1, bitorder="little")
+        parts.append(np.packbits(bits[:, :nbits].reshape(-1), bitorder="little"))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+@contextlib.contextmanager
+def _lean_bit_packing():
+    """Serialise sub-byte weights with pack_bits_lsb instead of coremltools' packer."""
+    from coremltools.optimize import _utils
+
+    saved = _utils.pack_elements_into_bits
+    _utils.pack_elements_into_bits = pack_bits_lsb
+    try:
+        yield
+    finally:
+        _utils.pack_elements_into_bits = saved
+
+
 @contextlib.contextmanager
 def _quiet_passes():
     """Silence coremltools' per-pipeline progress bars while we convert."""
@@ -499,8 +562,10 @@ def _quiet_passes():
         pass_pipeline.tqdm = saved
 
 
-def convert_program(prog, function: str, context: int, target: str, pipeline=None):
-    """MIL program -> MLModel (not loaded: Core ML cannot run on Linux)."""
+def convert_program(prog, function: str, context: int, target: str, pipeline=None,
+                    convert_to: str = "mlprogram"):
+    """MIL program -> MLModel (not loaded: Core ML cannot run on Linux), or with convert_to
+    "milinternal" the optimised MIL program (nothing serialised)."""
     import coremltools as ct
 
     L = 1 if function == "decode" else ct.RangeDim(1, prefill_max(context), 1)
@@ -508,7 +573,7 @@ def convert_program(prog, function: str, context: int, target: str, pipeline=Non
               ct.TensorType(name="position", shape=(1,), dtype=np.int32),
               ct.TensorType(name="causal_mask", shape=(1, 1, L, context), dtype=np.float16)]
     with _quiet_passes():
-        return ct.convert(prog, inputs=inputs,
+        return ct.convert(prog, inputs=inputs, convert_to=convert_to,
                           minimum_deployment_target=getattr(ct.target, target),
                           compute_precision=ct.precision.FLOAT32,  # the program is fp16 already
                           pass_pipeline=pipeline or ct.PassPipeline.DEFAULT,
@@ -686,18 +751,9 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
-
-        desc = MultiFunctionDescriptor()
         t_convert = time.time()
-        for fn in FUNCTIONS:
-            prog = build_program(arch, weights, context, fn, target)
-            convert_program(prog, fn, context, target).save(str(work / f"{fn}.mlpackage"))
-            desc.add_function(str(work / f"{fn}.mlpackage"), "main", fn)
-        desc.default_function_name = "decode"
         pkg = work / out.name
-        with _quiet_passes():
-            save_multifunction(desc, str(pkg))
+        convert_multifunction(arch, weights, context, target).save(str(pkg))
         t_convert = time.time() - t_convert
 
         tensors, summary = _tensor_report(pkg, weights, records)

@@ -131,3 +131,148 @@ def test_sliding_window_pattern(tmp_path, metadata, expected):
     assert config["final_logit_softcapping"] == 30.0
     assert config["query_pre_attn_scalar"] == config["head_dim"] == 256
     assert config["hidden_activation"] == "gelu_pytorch_tanh" and "hidden_act" not in config
+
+
+# ------------------------------------------------------------------ the real Gemma 3 270M
+
+
+class _MappedReader(gguf.GGUFReader):
+    """gguf-py's reader over a plain ndarray view of its memory map: the same bytes, but
+    transformers' two passes over the 262k-token vocabulary take ~20 s each instead of ~90 s
+    (each of gguf-py's per-field slices of an np.memmap builds a new memmap object)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.memmap) -> None:
+        self._data = value.view(np.ndarray)
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf() -> Path:
+    return data_file("gemma3/gemma-3-270m-q4_k_m.gguf")
+
+
+@pytest.fixture(scope="module")
+def gemma_package(gemma_gguf, tmp_path_factory) -> Path:
+    return convert_file(gemma_gguf, tmp_path_factory.mktemp("gemma3") / "gemma-3-270m",
+                        progress=False)
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_package):
+    from edgert.tokenizer import load_tokenizer
+
+    return load_model(gemma_package)[0], load_tokenizer(gemma_package)
+
+
+@pytest.fixture(scope="module")
+def transformers_gemma(gemma_gguf):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", _MappedReader)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            gemma_gguf.parent, gguf_file=gemma_gguf.name, dtype=torch.float32)
+
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def test_real_config_as_transformers_reads_it(gemma_package, transformers_gemma):
+    import json
+
+    config = json.loads((gemma_package / "config.json").read_text())
+    hf = transformers_gemma.config
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+                "layer_types", "query_pre_attn_scalar", "vocab_size", "tie_word_embeddings",
+                "max_position_embeddings", "final_logit_softcapping"):
+        assert config.get(key) == getattr(hf, key), key
+    assert config["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps, rel=1e-6)
+    assert config["rope_theta"] == hf.rope_parameters["full_attention"]["rope_theta"]
+    assert (config["rope_local_base_freq"]
+            == hf.rope_parameters["sliding_attention"]["rope_theta"])
+
+
+def test_real_logits_match_transformers(gemma, gemma_package, transformers_gemma):
+    """Top-1 identical at every position; and with the tensors the converter reports as
+    re-quantized (Q6_K has no exact MLX layout) put into transformers' model as edgert holds
+    them, the logits agree to float32 rounding: every other tensor maps exactly."""
+    import json
+
+    model, tok = gemma
+    ids = tok.encode(PROMPT)
+    ours = np.array(model(mx.array([ids])))[0]
+    hf = transformers_gemma
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+    report = json.loads((gemma_package / "edgert.json").read_text())["tensors"]
+    lossy = [k for k, v in report.items() if v["class"] == "requantized"]
+    assert all(v["class"] in ("exact", "f32-scales exact", "widened", "float")
+               for k, v in report.items() if k not in lossy)
+    params = dict(hf.named_parameters())
+    saved = {k: params[k].detach().clone() for k in lossy}
+    weights = {}
+    for f in gemma_package.glob("model*.safetensors"):
+        weights.update(mx.load(str(f)))
+    quantization = json.loads((gemma_package / "config.json").read_text())["quantization"]
+    try:
+        with torch.no_grad():
+            for k in lossy:
+                module = k.removesuffix(".weight")
+                q = quantization.get(module, quantization)
+                w = mx.dequantize(weights[k], weights[f"{module}.scales"].astype(mx.float32),
+                                  weights[f"{module}.biases"].astype(mx.float32),
+                                  group_size=q["group_size"], bits=q["bits"])
+                params[k].copy_(torch.from_numpy(np.array(w)))
+            ref = hf(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_real_mlx_lm_loads_the_package(gemma, gemma_package):
+    """mlx-lm runs in the embedding scales' dtype (float16 here), where Gemma's residual stream
+    (|h| ~ 1e5) overflows and is clipped; with float32 tables it agrees with edgert up to its
+    bfloat16-rounded embedding scale (25.25 for sqrt(640) = 25.298)."""
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    model, tok = gemma
+    theirs, _ = mlx_lm_load(gemma_package)
+    table = theirs.model.embed_tokens
+    table.scales, table.biases = table.scales.astype(mx.float32), table.biases.astype(mx.float32)
+    ids = mx.array([tok.encode(PROMPT)])
+    ours, theirs = np.array(model(ids))[0], np.array(theirs(ids))[0]
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    assert rel_err(ours, theirs) < 5e-3
+
+
+def test_real_tokenizer_matches_transformers(gemma, gemma_gguf):
+    _, tok = gemma
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", _MappedReader)
+        hf = transformers.AutoTokenizer.from_pretrained(gemma_gguf.parent,
+                                                        gguf_file=gemma_gguf.name)
+    for text in ["The capital of France is Paris.", "  two  spaces,\ttabs\nand\n\n\nnewlines",
+                 "emoji 🙂, 日本語, Ünïcödé, 3.14159", "def f(x):\n    return x**2  # ok",
+                 "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"]:
+        assert tok.encode(text) == hf.encode(text), text
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == text.replace(
+            "<start_of_turn>", "").replace("<end_of_turn>", "")
+    assert hf.convert_tokens_to_ids("<end_of_turn>") in tok.eos_token_ids
+    assert hf.eos_token_id in tok.eos_token_ids
+
+
+def test_real_greedy_chat_answer(gemma):
+    """This file carries no chat template (a base model): the chat falls back to plain text."""
+    from edgert.chat import ChatSession
+
+    model, tok = gemma
+    session = ChatSession(model, tok)
+    text = "".join(r.text for r in session.reply("What is the capital of France?", 12, {}))
+    assert "Paris" in text

@@ -9,7 +9,7 @@ from typing import Callable, Generator, Iterable
 import mlx.core as mx
 
 from .errors import EdgertError
-from .models.cache import make_cache
+from .models.cache import KVCache, PositionedKV, make_cache
 from .sample import make_logits_processors, make_sampler
 
 
@@ -22,11 +22,14 @@ def generate_step(
     logits_processors: list | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
+    compiled: bool = True,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, logprobs over the vocabulary) for each generated token.
 
     The prompt (1-D token ids) is prefilled in chunks of `prefill_step_size` through the KV
     cache; the next step is queued with `mx.async_eval` while the caller handles this one.
+    With `compiled`, one-token steps run through `decode_forward` where the model and cache
+    allow it (same tokens and logprobs, bit for bit).
     """
     if prompt.size == 0:
         raise EdgertError("empty prompt: nothing to generate from")
@@ -35,9 +38,14 @@ def generate_step(
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
     tokens = prompt  # everything seen so far, for the logits processors
 
+    forward = decode_forward(model, cache) if compiled else None
+
     def step(y: mx.array, first: bool = False) -> tuple[mx.array, mx.array]:
         nonlocal tokens
-        logits = model(y[None], cache=cache)[:, -1, :]  # (1, V)
+        if forward is not None and y.size == 1:
+            logits = forward(y)  # (1, V)
+        else:
+            logits = model(y[None], cache=cache)[:, -1, :]  # (1, V)
         if processors:
             if not first:
                 tokens = mx.concatenate([tokens, y])
@@ -66,6 +74,45 @@ def generate_step(
         n += 1
         if n < max_tokens:
             y, logprobs = next_y, next_logprobs
+
+
+def _compiled_forward(model):
+    """mx.compile of one decode step with the KV buffers as explicit inputs and outputs, made
+    once per model. Shapes are fixed while the cache capacity stays the same (one trace per
+    capacity); the write position is an array, so a new position does not retrace."""
+    fn = getattr(model, "_edgert_compiled_forward", None)
+    if fn is None:
+        def forward(y, offset, keys, values):
+            layers = [PositionedKV(k, v, offset) for k, v in zip(keys, values)]
+            logits = model(y[None], cache=layers)[:, -1, :]  # (1, V)
+            return logits, [c.keys for c in layers], [c.values for c in layers]
+
+        fn = mx.compile(forward)
+        object.__setattr__(model, "_edgert_compiled_forward", fn)
+    return fn
+
+
+def decode_forward(model, cache: list) -> Callable[[mx.array], mx.array] | None:
+    """The compiled twin of `model(y[None], cache=cache)[:, -1, :]` for one token y (shape (1,)),
+    advancing `cache` the same way; None where the model or the cache does not support it
+    (the model must take its mask from the cache: `compiled_decode`)."""
+    if not getattr(model, "compiled_decode", False) or not all(type(c) is KVCache for c in cache):
+        return None
+    fn = _compiled_forward(model)
+
+    def forward(y: mx.array) -> mx.array:
+        if cache[0].keys is None:  # an empty cache: the first step has no buffers to pass
+            return model(y[None], cache=cache)[:, -1, :]
+        for c in cache:  # growing changes the capacity: outside the compiled function
+            c.reserve(1, c.keys, c.values)
+        offset = mx.array(cache[0].offset, dtype=mx.int32)
+        logits, keys, values = fn(y, offset, [c.keys for c in cache], [c.values for c in cache])
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values = k, v
+            c.offset += 1
+        return logits
+
+    return forward
 
 
 @dataclass

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 
 from edgert import bench
 from edgert.errors import EdgertError
+from edgert.generation import decode_forward, generate_step
+from edgert.models.cache import KVCache, make_cache
+from testdata import data_file
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +69,80 @@ def test_interrupted_run_keeps_partial_results(small_synthetic, monkeypatch):
 
 def test_bandwidth_is_measured(monkeypatch):
     assert bench.measure_bandwidth(nbytes=1 << 24, reps=2) > 0.1  # GB/s
+
+
+# ---------------------------------------------------------------------------- compiled decode
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_compiled_decode_gives_the_same_tokens_and_logprobs(small_synthetic, monkeypatch,
+                                                            parallel):
+    """The compiled decode step (fixed-capacity KV buffers, masked) against the plain one, bit
+    for bit, across several cache growths (step shrunk to 8 positions)."""
+    monkeypatch.setattr(KVCache, "step", 8)
+    model, _ = bench.synthetic_model(small_synthetic, bits=4)
+    if parallel:
+        from edgert.parallel import parallelize
+
+        parallelize(model, n=2, min_work=1)  # every matmul split across two streams
+    prompt = mx.array([5, 17, 300, 2, 9], dtype=mx.uint32)
+    plain = list(generate_step(prompt, model, max_tokens=30, compiled=False))
+    fast = list(generate_step(prompt, model, max_tokens=30))
+    assert [t for t, _ in fast] == [t for t, _ in plain]
+    assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(fast, plain))
+
+
+def test_compiled_decode_is_used_and_follows_a_trimmed_cache(small_synthetic):
+    model, _ = bench.synthetic_model(small_synthetic, bits=4)
+    cache, ref = make_cache(model), make_cache(model)
+    ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    for c in (cache, ref):
+        model(ids, cache=c)
+        for layer in c:
+            layer.trim(3)  # rewind: stale positions stay in the buffers, masked
+    forward = decode_forward(model, cache)
+    assert forward is not None
+    for tok in (7, 8, 9):
+        y = mx.array([tok], dtype=mx.uint32)
+        assert mx.array_equal(forward(y), model(y[None], cache=ref)[:, -1, :]).item()
+    assert cache[0].offset == ref[0].offset == 8
+
+
+def test_compiled_decode_declines_foreign_caches(small_synthetic):
+    model, _ = bench.synthetic_model(small_synthetic, bits=4)
+
+    class OtherCache(KVCache):
+        pass
+
+    assert decode_forward(model, [OtherCache() for _ in model.layers]) is None
+
+
+# ---------------------------------------------------------------------------- bench_peers.py
+
+def _bench_peers():
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_peers.py"
+    spec = importlib.util.spec_from_file_location("bench_peers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_script_reads_a_real_llama_bench_run(smollm_gguf):
+    peers = _bench_peers()
+    binary = data_file("llama.cpp/bin/llama-bench")
+    out = peers.run_llama_bench(binary, smollm_gguf, n_prompt=16, n_gen=4, threads=2)
+    assert set(out) == {"pp16", "tg4"}
+    assert all(len(v) == 1 and v[0] > 0 for v in out.values())
+    assert peers.ratio([2.0, 4.0], out["tg4"]) == pytest.approx(3.0 / out["tg4"][0])
+
+
+def test_peer_script_names_llama_bench_tests():
+    peers = _bench_peers()
+    text = ('[{"n_prompt": 512, "n_gen": 0, "samples_ts": [100.0, 110.0]},'
+            ' {"n_prompt": 0, "n_gen": 128, "samples_ts": [20.0]},'
+            ' {"n_prompt": 0, "n_gen": 128, "samples_ts": [30.0]}]')
+    out = peers.llama_bench_results(text)
+    assert out == {"pp512": [100.0, 110.0], "tg128": [20.0, 30.0]}
+    assert peers.ratio([50.0, 60.0], out["tg128"]) == pytest.approx(2.2)
+    rows = peers.table({"edgert": {"pp": [210.0], "tg": [50.0]},
+                        "llama.cpp": {"pp": out["pp512"], "tg": out["tg128"]}}, "pp512", "tg128")
+    assert rows[-1] == "| llama.cpp | 105.00 ± 5.00 | 25.00 ± 5.00 | 2.00 | 2.00 |"

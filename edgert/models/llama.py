@@ -114,14 +114,18 @@ class LlamaModel(nn.Module):
         if cache is None:
             cache = [None] * len(self.layers)
         L = h.shape[1]
-        offset = cache[0].offset if cache[0] is not None else 0
-        mask = causal_mask(L, offset) if L > 1 else None
+        if hasattr(cache[0], "make_mask"):  # the cache knows its layout (see cache.PositionedKV)
+            mask = cache[0].make_mask(L)
+        else:
+            mask = causal_mask(L, cache[0].offset if cache[0] is not None else 0) if L > 1 else None
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
 
 
 class Model(nn.Module):
+    compiled_decode = True  # masks come from the cache: generation may compile the decode step
+
     def __init__(self, args: ModelArgs, **block_kwargs):
         super().__init__()
         self.args = args

@@ -33,6 +33,9 @@ _TENSOR_TYPES = {
     "Q2_K": ("Q2_K", [r"blk\.\d\.ffn_down=q2_k"]),
     "IQ4_NL": ("Q8_0", [r"blk\.0\.=iq4_nl"]),
     "IQ4_XS": ("Q8_0", [r"blk\.0\.=iq4_xs"]),
+    # a few layers only, so that the model stays in its trained regime (for llama.cpp peer tests)
+    "Q1_0-FEW": ("Q8_0", [r"blk\.[0-3]\.ffn_down=q1_0"]),
+    "TQ2_0-FEW": ("Q8_0", [r"blk\.[0-3]\.ffn_down=tq2_0"]),
     "MIXED": ("Q8_0", [rf"blk\.{i}\.ffn_down={t}" for i, t in
                        enumerate(["q5_k", "iq4_xs", "tq1_0", "q3_k", "q5_1", "q2_0"])]),
 }

@@ -19,6 +19,7 @@ for bits. Tensors stream one at a time from memory-mapped files.
 from __future__ import annotations
 
 import fnmatch
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,8 @@ def quantize_float(w: np.ndarray, bits: int, group_size: int,
         s, b = s.astype(mx_dt), b.astype(mx_dt)
         d = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size,
                           bits=bits)
-        err = max(err, mx.abs(d - x).max().item())
+        e = mx.abs(d - x).max().item()
+        err = e if math.isnan(e) or math.isnan(err) else max(err, e)  # NaN: an overflow
         parts.append((np.array(q), np.array(s), np.array(b)))
     w_q, s, b = (np.concatenate(p) for p in zip(*parts))
     return QuantTensor(w_q, s.astype(np_dt), b.astype(np_dt), bits, group_size), err

@@ -70,6 +70,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from edgert.bitpack import pack_rows
 from edgert.errors import UnsupportedError
 
 from .canonical import EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, QuantTensor
@@ -139,25 +140,8 @@ def mlx_type(qtype: QType, tensor_name: str = "") -> type[GGMLType]:
     except KeyError:
         where = f"tensor {tensor_name} has type" if tensor_name else "type"
         raise UnsupportedError(f"{where} {qtype.name}, not supported yet "
-                               f"(supported: {', '.join(t.name for t in TYPES)})") from None
-
-
-def pack_rows(q: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, cols) codes < 2**bits -> (rows, cols * bits // 32) uint32 MLX bitstreams (element
-    j at bit j * bits, LSB first; 3/5/6 bits straddle bytes and words)."""
-    q = np.asarray(q).astype(np.uint8, copy=False)
-    rows = q.shape[0]
-    if bits == 8:
-        packed = q
-    elif 8 % bits == 0:
-        per = 8 // bits
-        shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)
-        # (rows, cols) -> (rows, cols // per, per) -> (rows, cols * bits // 8) uint8
-        packed = np.bitwise_or.reduce(q.reshape(rows, -1, per) << shifts, axis=-1)
-    else:
-        b = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (rows, cols, bits)
-        packed = np.packbits(b.reshape(rows, -1), axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view("<u4")  # (rows, cols * bits // 32)
+                               f"(supported: {', '.join(t.name for t in TYPES)}; "
+                               "`edgert convert --requantize` re-quantizes it, lossy)") from None
 
 
 def f16(blocks: np.ndarray, offset: int) -> np.ndarray:

@@ -32,7 +32,7 @@ from edgert.errors import EdgertError, UnsupportedError
 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         QuantTensor, TensorRecord)
-from .gguf_types import pack_rows
+from edgert.bitpack import pack_rows, unpack_rows
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "bitnet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -93,17 +93,6 @@ def safetensors_index(folder: Path) -> dict[str, TensorRef]:
 
 
 # ------------------------------------------------------------------ bit packing (MLX's layout)
-
-
-def unpack_rows(w: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, words) 32-bit bitstreams -> (rows, words * 32 // bits) uint8 codes."""
-    rows = w.shape[0]
-    b = np.ascontiguousarray(w).view("<u4").view(np.uint8)  # (rows, words * 4) bytes
-    if 8 % bits == 0:
-        shifts = np.arange(8 // bits, dtype=np.uint8) * bits
-        return ((b[..., None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)
-    b = np.unpackbits(b, axis=-1, bitorder="little").reshape(rows, -1, bits)
-    return (b << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
 
 
 # ------------------------------------------------------------------ MLX affine quantization

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from .bitpack import pack_rows, unpack_rows
 from .errors import UnsupportedError
 
 WIDER = {1: (2, 4, 8), 2: (4, 8), 3: (4, 8), 4: (8,), 5: (8,), 6: (8,)}
@@ -28,21 +29,6 @@ class Layout(NamedTuple):
     group_size: int
     mode: str
     scale_dtype: str  # "float16", "bfloat16", "float32"
-
-
-def unpack_codes(w_q: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, words) uint32 little-endian bitstreams -> (rows, words * 32 // bits) uint8."""
-    rows = w_q.shape[0]
-    b = np.unpackbits(np.ascontiguousarray(w_q).view(np.uint8).reshape(rows, -1), axis=-1,
-                      bitorder="little").reshape(rows, -1, bits)  # (rows, cols, bits)
-    return (b << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
-
-
-def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, cols) uint8 codes < 2**bits -> (rows, cols * bits // 32) uint32 bitstreams."""
-    rows = q.shape[0]
-    b = (q[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (rows, cols, bits)
-    return np.packbits(b.reshape(rows, -1), axis=-1, bitorder="little").view("<u4")
 
 
 def _quantized_matmul(x, w_q, scales, biases, layout: Layout) -> mx.array:
@@ -65,7 +51,7 @@ def _runs(layout: Layout, device: str) -> bool:
          + np.repeat(np.array(b_mx.astype(mx.float32)), layout.group_size, axis=1))
     want = x @ w.T  # (3, rows)
     try:
-        got = np.array(_quantized_matmul(mx.array(x), mx.array(pack_codes(q, layout.bits)),
+        got = np.array(_quantized_matmul(mx.array(x), mx.array(pack_rows(q, layout.bits)),
                                          s_mx, b_mx, layout).astype(mx.float32))
     except Exception:  # noqa: BLE001 - any failure of the kernel means "does not run here"
         return False
@@ -98,8 +84,8 @@ def widen_for_device(quantization: dict, weights: dict[str, mx.array]) -> dict:
         if wider is None:
             raise UnsupportedError(f"this MLX device ({mx.default_device()}) cannot run "
                                    f"{bits}-bit group-{group} {mode} matmuls, nor a wider layout")
-        codes = unpack_codes(np.array(weights[f"{module}.weight"]), bits)  # (rows, cols)
-        weights[f"{module}.weight"] = mx.array(pack_codes(codes, wider))
+        codes = unpack_rows(np.array(weights[f"{module}.weight"]), bits)  # (rows, cols)
+        weights[f"{module}.weight"] = mx.array(pack_rows(codes, wider))
         quantization[module] = {"bits": wider, "group_size": group, "mode": mode}
         n = widened.get(layout, (wider, 0))[1]
         widened[layout] = (wider, n + 1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edgert import probe
+from edgert.bitpack import pack_rows, unpack_rows
 from edgert.convert.api import convert_file
 from edgert.package import load_model
 from test_models import hf_model
@@ -21,12 +22,12 @@ def test_probe_accepts_what_the_cpu_runs(bits):
 def test_pack_codes_round_trip_and_widening_is_lossless(bits, wider):
     rng = np.random.default_rng(bits)
     q = rng.integers(0, 1 << bits, (4, 128), dtype=np.uint8)
-    w = probe.pack_codes(q, bits)
+    w = pack_rows(q, bits)
     s = mx.array(rng.uniform(0.5, 1, (4, 4)).astype(np.float16))
     b = mx.array(rng.uniform(-1, 1, (4, 4)).astype(np.float16))
-    assert np.array_equal(probe.unpack_codes(w, bits), q)
+    assert np.array_equal(unpack_rows(w, bits), q)
     a = mx.dequantize(mx.array(w), s, b, group_size=32, bits=bits)
-    wide = probe.pack_codes(probe.unpack_codes(w, bits), wider)
+    wide = pack_rows(unpack_rows(w, bits), wider)
     assert np.array_equal(np.array(a), np.array(mx.dequantize(mx.array(wide), s, b, group_size=32,
                                                              bits=wider)))
 

@@ -276,3 +276,24 @@ def test_real_greedy_chat_answer(gemma):
     session = ChatSession(model, tok)
     text = "".join(r.text for r in session.reply("What is the capital of France?", 12, {}))
     assert "Paris" in text
+
+
+def test_real_float16_request_runs_bfloat16(gemma):
+    """Gemma's residual stream outgrows float16 (largest 65504), so where the loader would pick
+    float16 activations (off the CPU) the model runs bfloat16."""
+    from edgert.models.base import causal_mask, embed
+
+    model, tok = gemma
+    ids = mx.array([tok.encode(PROMPT)])
+    h = embed(model.model.embed_tokens, ids, mx.float32) * model.args.hidden_size**0.5
+    mask = causal_mask(ids.shape[1], 0)  # shorter than the window: one mask for every layer
+    peak = 0.0
+    for layer in model.layers:
+        h = layer(h, mask)
+        peak = max(peak, mx.abs(h).max().item())
+    assert peak > float(np.finfo(np.float16).max)
+    try:
+        model.activation_dtype = mx.float16
+        assert model.activation_dtype == mx.bfloat16
+    finally:
+        model.activation_dtype = mx.float32

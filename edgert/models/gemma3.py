@@ -179,6 +179,15 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
+    @property
+    def activation_dtype(self) -> mx.Dtype:
+        return self._activation_dtype
+
+    @activation_dtype.setter
+    def activation_dtype(self, dtype: mx.Dtype) -> None:
+        # the residual stream reaches ~1e5 (270M), past float16's 65504: bfloat16 instead
+        self._activation_dtype = mx.bfloat16 if dtype == mx.float16 else dtype
+
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """(B, L) token ids -> (B, L, vocab) logits."""
         h = self.model(inputs, cache, self.activation_dtype)

@@ -159,17 +159,33 @@ class Gemma3Model(nn.Module):
         h = h * mx.array(self.args.hidden_size**0.5, dtype)  # the scale rounded to `dtype`, as HF
         if cache is None:
             cache = [None] * len(self.layers)
-        L = h.shape[1]
-        offset = cache[0].offset if cache[0] is not None else 0
-        masks = {FULL: causal_mask(L, offset) if L > 1 else None}
-        if (window := self.args.sliding_window) is not None:
-            masks[SLIDING] = causal_mask(L, offset, window) if L > 1 or offset >= window else None
+        masks = self.masks(h.shape[1], cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.layer_type], c)
         return self.norm(h)
 
+    def masks(self, L: int, cache) -> dict:
+        """Boolean (L, S) masks per layer type for L new positions (None: attend to all)."""
+        offset = cache.offset if cache is not None else 0  # an array in a compiled step
+        if hasattr(cache, "make_mask"):  # the cache knows its layout (see cache.PositionedKV)
+            full = cache.make_mask(L)
+        else:
+            full = causal_mask(L, offset) if L > 1 else None
+        masks = {FULL: full}
+        if (window := self.args.sliding_window) is not None:
+            if full is None and offset < window:
+                masks[SLIDING] = None
+            else:  # keys within `window` of their query, on top of the causal mask
+                S = offset + L if full is None else full.shape[-1]
+                q = mx.arange(L)[:, None] + offset
+                near = mx.arange(S)[None] > q - window
+                masks[SLIDING] = near if full is None else near & full
+        return masks
+
 
 class Model(nn.Module):
+    compiled_decode = True  # masks come from the cache: generation may compile the decode step
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -34,7 +34,7 @@ from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, Ca
                         QuantTensor, TensorRecord)
 from edgert.bitpack import pack_rows, unpack_rows
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "bitnet")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 MLX_BITS = (1, 2, 3, 4, 5, 6, 8)

@@ -37,6 +37,8 @@ CONFIGS = {
     "qwen2": (transformers.Qwen2Config, dict(SMALL, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(SMALL, head_dim=32, tie_word_embeddings=False)),
     "bitnet": (transformers.BitNetConfig, dict(SMALL)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(SMALL, head_dim=32, sliding_window=8,
+                                                   sliding_window_pattern=2)),
 }
 LINEARS = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                         "up_proj", "down_proj"))
@@ -146,6 +148,7 @@ def test_pack_rows_is_mlx_layout(bits):
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.float16), ("qwen2", torch.bfloat16),
+                                        ("gemma3", torch.float32),  # see test_models for bf16
                                         ("qwen3", torch.float32), ("mistral", torch.float16)])
 def test_float_checkpoint_is_quantized_with_measured_error(tmp_path, arch, dtype):
     hf = hf_model(arch, dtype)

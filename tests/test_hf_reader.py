@@ -148,7 +148,7 @@ def test_pack_rows_is_mlx_layout(bits):
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.float16), ("qwen2", torch.bfloat16),
-                                        ("gemma3", torch.float32),  # see test_models for bf16
+                                        ("gemma3", torch.float32),
                                         ("qwen3", torch.float32), ("mistral", torch.float16)])
 def test_float_checkpoint_is_quantized_with_measured_error(tmp_path, arch, dtype):
     hf = hf_model(arch, dtype)

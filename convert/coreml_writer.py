@@ -349,7 +349,7 @@ def _op_name(tensor_name: str) -> str:
 
 class _Graph:
     """Emits one function's ops; weights are created as consts inside each function (both
-    functions get the same arrays, which save_multifunction de-duplicates)."""
+    functions get the same arrays, stored once by convert_multifunction)."""
 
     def __init__(self, arch: Arch, weights: dict[str, Encoded], context: int):
         from coremltools.converters.mil import Builder as mb
@@ -492,8 +492,9 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
     Each function goes through coremltools' pass pipeline on its own; the two optimised
     programs are then joined in memory and serialised once, consts shared across functions
     by coremltools' own cross-function deduplication (what `save_multifunction` does after
-    reloading both packages from disk: that round trip unpacks every sub-byte weight again and
-    needed ~19 GiB for one Qwen3-8B layer plus its 152k-row embedding and head)."""
+    reloading both packages from disk: that round trip unpacked every weight again; for one
+    Qwen3-8B block plus its 152k-row embedding and head it peaked at 19.1 GiB against 16.4
+    GiB now)."""
     import coremltools as ct
     from coremltools.converters.mil.converter import mil_convert
     from coremltools.converters.mil.mil import Program
@@ -508,45 +509,10 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
     PASS_REGISTRY["common::const_deduplication"]._deduplicate_const_across_functions(multi)
     multi.skip_all_passes = True
     multi.export_as_multifunction = True
-    with _quiet_passes(), _lean_bit_packing():
+    with _quiet_passes():
         return mil_convert(multi, convert_to="mlprogram", convert_from="milinternal",
                            specification_version=getattr(ct.target, target),
                            compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
-
-
-def pack_bits_lsb(elements: np.ndarray, nbits: int) -> np.ndarray:
-    """coremltools' `pack_elements_into_bits` (element i at bit i*nbits, LSB first, uint8
-    out) in bounded memory: theirs expands every element to 8 bytes at once."""
-    flat = elements.reshape(-1).astype(np.uint8, copy=False)
-    if 8 % nbits == 0:
-        per = 8 // nbits
-        pad = (-len(flat)) % per
-        if pad:
-            flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
-        out = np.zeros(len(flat) // per, np.uint8)
-        mask = np.uint8((1 << nbits) - 1)
-        for k in range(per):  # (n // per,) each
-            out |= (flat[k::per] & mask) << np.uint8(k * nbits)
-        return out
-    chunk = 1 << 20  # elements per chunk, a multiple of 8: chunks end on byte boundaries
-    parts = []
-    for start in range(0, len(flat), chunk):
-        bits = np.unpackbits(flat[start:start + chunk, None], axis=1, bitorder="little")
-        parts.append(np.packbits(bits[:, :nbits].reshape(-1), bitorder="little"))
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-
-
-@contextlib.contextmanager
-def _lean_bit_packing():
-    """Serialise sub-byte weights with pack_bits_lsb instead of coremltools' packer."""
-    from coremltools.optimize import _utils
-
-    saved = _utils.pack_elements_into_bits
-    _utils.pack_elements_into_bits = pack_bits_lsb
-    try:
-        yield
-    finally:
-        _utils.pack_elements_into_bits = saved
 
 
 @contextlib.contextmanager

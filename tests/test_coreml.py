@@ -443,24 +443,6 @@ def test_unpack_and_dequantize_match_mlx(bits):
     assert unpack_bits(t.w_q, bits, 256).max() == 2**bits - 1
 
 
-@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6])
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 1001, (1 << 20) + 13])
-def test_bit_packing_matches_coremltools(nbits, n):
-    """The writer's bounded-memory packer gives coremltools' packer's bytes exactly."""
-    from coremltools.optimize._utils import pack_elements_into_bits
-
-    from edgert.convert.coreml_writer import pack_bits_lsb
-
-    rng = np.random.default_rng(nbits * 7919 + n)
-    q = rng.integers(0, 2**nbits, n, dtype=np.uint8)
-    q[: min(n, 5)] = 2**nbits - 1
-    ours = pack_bits_lsb(q, nbits)
-    if n == 0:
-        assert ours.size == 0
-        return
-    assert ours.dtype == np.uint8 and np.array_equal(ours, pack_elements_into_bits(q, nbits))
-
-
 @pytest.mark.parametrize("bits,pattern", [(1, "mlx"), (2, "mlx"), (3, "mlx"), (4, "q4_0"),
                                           (4, "mlx"), (8, "mlx")])
 def test_decompression_matches_coremltools(bits, pattern):

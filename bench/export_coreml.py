@@ -45,7 +45,7 @@ def synthetic_canonical(name: str, bits: int, group: int | None, layers: int | N
     cfg = dict(SYNTHETIC[name], rms_norm_eps=1e-6, max_position_embeddings=40960,
                bos_token_id=1, eos_token_id=2)
     full = cfg["num_hidden_layers"]
-    n = min(layers or full, full)
+    n = full if layers is None else min(layers, full)
     cfg["num_hidden_layers"] = n
     pattern, default_group = PATTERNS.get(bits, ("mlx", 64))
     g = group or default_group

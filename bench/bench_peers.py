@@ -157,7 +157,8 @@ def main():
     ap.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the "
                     "model argument if it is one, else the default model's)")
     ap.add_argument("--llama-bench", type=Path, default=LLAMA_CPP / "bin" / "llama-bench")
-    ap.add_argument("-t", "--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("-t", "--threads", default="2",
+                    help="llama.cpp threads; a list (1,2) runs it once per count")
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
 
@@ -194,8 +195,9 @@ def main():
             print(f"llama.cpp skipped: no GGUF given or no {args.llama_bench} "
                   "(tests/fetch_data.sh builds it)")
         else:
-            peers[f"llama.cpp ({args.threads} threads)"] = LlamaCpp(args.llama_bench, gguf,
-                                                                    args.threads)
+            for t in (int(x) for x in str(args.threads).split(",")):
+                peers[f"llama.cpp, {t} thread{'s' if t > 1 else ''}"] = LlamaCpp(
+                    args.llama_bench, gguf, t)
 
     load_before = load_average()
     for name, rt in peers.items():  # warm-up

@@ -672,6 +672,17 @@ def default_context(arch: Arch, target: str) -> int:
     return max(1, min(ctx, ctx * MAX_KV_BYTES[target] // kv_cache_bytes(arch, ctx)))
 
 
+def check_output(out: Path, target: str, force: bool) -> None:
+    """Refuse, in one line, an output path or target that cannot be written."""
+    if out.suffix != ".mlpackage":
+        raise EdgertError(f"{out}: a Core ML package path must end in .mlpackage")
+    if out.exists() and not force:
+        raise EdgertError(f"{out} exists (use --force to overwrite)")
+    if target not in TARGETS:
+        raise UnsupportedError(f"Core ML export: target {target!r} "
+                               f"(supported: {', '.join(TARGETS)})")
+
+
 def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = None,
                  target: str = "iOS18", force: bool = False) -> dict:
     """Write `canonical` as a stateful multifunction Core ML package at `out` (.mlpackage).
@@ -686,13 +697,7 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     """
     t0 = time.time()
     out = Path(out)
-    if out.suffix != ".mlpackage":
-        raise EdgertError(f"{out}: a Core ML package path must end in .mlpackage")
-    if out.exists() and not force:
-        raise EdgertError(f"{out} exists (use --force to overwrite)")
-    if target not in TARGETS:
-        raise UnsupportedError(f"Core ML export: target {target!r} "
-                               f"(supported: {', '.join(TARGETS)})")
+    check_output(out, target, force)
     arch = Arch.from_config(canonical.config)
     context = default_context(arch, target) if context is None else int(context)
     check_context(arch, context, target)
@@ -761,13 +766,7 @@ def convert_to_coreml(src: Path, out: Path, *, context: int | None = None,
     from .api import read_source
 
     out = Path(out)
-    if out.suffix != ".mlpackage":
-        raise EdgertError(f"{out}: a Core ML package path must end in .mlpackage")
-    if out.exists() and not force:
-        raise EdgertError(f"{out} exists (use --force to overwrite)")
-    if target not in TARGETS:
-        raise UnsupportedError(f"Core ML export: target {target!r} "
-                               f"(supported: {', '.join(TARGETS)})")
+    check_output(out, target, force)
     canonical = read_source(Path(src), **options)
     return write_coreml(canonical, out, context=context, target=target, force=force)
 

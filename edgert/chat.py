@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from rich.console import Console
 
 from .generation import stream_generate
@@ -66,6 +68,9 @@ class ChatSession:
 
 def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> None:
     model, tokenizer = loaded
+    # Ctrl-C must stop a reply even when the parent started us with SIGINT ignored (a shell's
+    # background job, nohup), which Python would otherwise inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     console = Console(highlight=False)
     session = ChatSession(model, tokenizer, system)
     console.print(f"[dim]{HELP}[/dim]")

@@ -16,7 +16,9 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(smollm_package, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "edgert", "chat", str(smollm_package),
                              "-n", "2000", "--temp", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # as a shell's background job starts it: SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")),
                               daemon=True)

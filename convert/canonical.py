@@ -7,6 +7,7 @@ Core ML package) only consume it. Tensor names are Hugging Face names
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -18,6 +19,11 @@ WIDENED = "widened"  # lossless, but stored with more bits than the source
 F32_SCALES_EXACT = "f32-scales exact"  # exact only with float32 scales (K-quants)
 REQUANTIZED = "requantized"  # lossy; max_abs_error says how much
 FLOAT = "float"  # a float tensor carried over (possibly cast)
+
+
+def worse_error(a: float, b: float) -> float:
+    """The larger of two max-abs errors, NaN (an overflow) winning: max() would drop it."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
 
 from .canonical import (EXACT, F32_SCALES_EXACT, REQUANTIZED, WIDENED, CanonicalModel,
-                        QuantTensor, TensorRecord)
+                        QuantTensor, TensorRecord, worse_error)
 from .gguf_types import TYPES, ExtraType, Mapped, ggml_type, mlx_type, type_layout
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -351,11 +351,6 @@ CHUNK_BYTES = 16 << 20  # source bytes mapped per step: bounds the temporaries o
 _CLASS_ORDER = (EXACT, WIDENED, F32_SCALES_EXACT, REQUANTIZED)  # a tensor gets its worst chunk's
 
 
-def _worse(a: float, b: float) -> float:
-    """The larger error, NaN (an overflow) winning: max() would drop it."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
 def map_in_chunks(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
     """`cls.to_mlx(data, shape)` computed over chunks of rows written into preallocated
     outputs, so that converting a tensor needs its output plus one chunk's temporaries,
@@ -384,7 +379,7 @@ def map_in_chunks(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
             biases[lo:lo + step] = c.biases
         if _CLASS_ORDER.index(m.mapping) > _CLASS_ORDER.index(worst.mapping):
             worst = m
-        error = _worse(error, m.max_abs_error)
+        error = worse_error(error, m.max_abs_error)
     if scales.dtype == np.float32 and biases is not None:
         biases = biases.astype(np.float32)
     value = QuantTensor(w_q, scales, biases, q.bits, q.group_size, q.mode)

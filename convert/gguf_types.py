@@ -73,7 +73,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from edgert.bitpack import pack_rows
 from edgert.errors import UnsupportedError
 
-from .canonical import EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, QuantTensor
+from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, QuantTensor,
+                        worse_error)
 
 T = GGMLQuantizationType
 
@@ -513,7 +514,7 @@ def requantize_rows(w: np.ndarray, bits: int, group_size: int,
             d = mx.dequantize(mx.array(q), mx.array(s), mx.array(b), group_size=group_size,
                               bits=bits)
             e = float(mx.abs(d - x).max().item())
-            err = e if e != e or e > err else err  # a NaN sticks (Python's max would drop it)
+            err = worse_error(err, e)
     w_q, s, b = (np.concatenate([p[i] for p in parts]) for i in range(3))
     return QuantTensor(w_q, s.astype(dtype), b.astype(dtype), bits, group_size), err
 

@@ -19,7 +19,6 @@ for bits. Tensors stream one at a time from memory-mapped files.
 from __future__ import annotations
 
 import fnmatch
-import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from edgert.errors import EdgertError, UnsupportedError
 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
-                        QuantTensor, TensorRecord)
+                        QuantTensor, TensorRecord, worse_error)
 from edgert.bitpack import pack_rows, unpack_rows
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet")
@@ -124,7 +123,7 @@ def quantize_float(w: np.ndarray, bits: int, group_size: int,
         d = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size,
                           bits=bits)
         e = mx.abs(d - x).max().item()
-        err = e if math.isnan(e) or math.isnan(err) else max(err, e)  # NaN: an overflow
+        err = worse_error(err, e)
         parts.append((np.array(q), np.array(s), np.array(b)))
     w_q, s, b = (np.concatenate(p) for p in zip(*parts))
     return QuantTensor(w_q, s.astype(np_dt), b.astype(np_dt), bits, group_size), err

@@ -498,7 +498,6 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
     import coremltools as ct
     from coremltools.converters.mil.converter import mil_convert
     from coremltools.converters.mil.mil import Program
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
     multi = Program()
     for fn in FUNCTIONS:
@@ -506,13 +505,45 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
         optimised = convert_program(prog, fn, context, target, convert_to="milinternal")
         multi.add_function(fn, optimised.functions["main"])
     multi.default_function_name = "decode"
-    PASS_REGISTRY["common::const_deduplication"]._deduplicate_const_across_functions(multi)
+    share_consts_across_functions(multi)
     multi.skip_all_passes = True
     multi.export_as_multifunction = True
     with _quiet_passes():
         return mil_convert(multi, convert_to="mlprogram", convert_from="milinternal",
                            specification_version=getattr(ct.target, target),
                            compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True)
+
+
+def share_consts_across_functions(prog) -> int:
+    """Give identical consts of different functions one `weight_id`, so the serialiser writes
+    them to weight.bin once; returns how many consts now share a blob entry.
+
+    Does what coremltools' `const_deduplication._deduplicate_const_across_functions` does, but
+    compares whole values by SHA-256 of their bytes (no temporaries). coremltools compares
+    candidates with `np.allclose`, which casts both to float64: for a 152k x 4096 embedding's
+    codes (0.6 G uint8) that is several 5 GB temporaries, the 16 GiB peak of a one-block
+    Qwen3-8B export. Each function has been deduplicated within itself by the pass pipeline.
+    """
+    import hashlib
+
+    groups: dict[tuple, list] = {}
+    for func in prog.functions.values():
+        for op in func.operations:
+            if op.op_type != "const" or op.weight_id is not None:
+                continue
+            val = op.outputs[0].val
+            if not isinstance(val, (np.ndarray, np.generic)):
+                continue
+            a = np.ascontiguousarray(val)
+            digest = hashlib.sha256(a.view(np.uint8).reshape(-1) if a.ndim else a.tobytes())
+            key = (str(op.outputs[0].dtype), a.shape, digest.hexdigest())
+            groups.setdefault(key, []).append(op)
+    shared = 0
+    for i, ops in enumerate(g for g in groups.values() if len(g) > 1):
+        for op in ops:
+            op.weight_id = f"shared_{i}"
+        shared += len(ops)
+    return shared
 
 
 @contextlib.contextmanager

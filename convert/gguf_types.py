@@ -490,35 +490,6 @@ class IQ4_XS(BlockType, qtype=T.IQ4_XS):
 # ------------------------------------------------------------------ re-quantized types
 
 
-def requantize_rows(w: np.ndarray, bits: int, group_size: int,
-                    scale_dtype: str = "float16") -> tuple[QuantTensor, float]:
-    """A float (rows, cols) matrix -> MLX affine `bits` / `group_size` (mx.quantize: min-max
-    per group, zero on the grid) and its max abs error against `w`, measured on the CPU with
-    the stored scales (NaN if anything overflowed). Scales or biases beyond float16 keep the
-    whole tensor in float32."""
-    import mlx.core as mx
-
-    w = np.asarray(w, dtype=np.float32)
-    parts, err = [], 0.0
-    with mx.stream(mx.cpu):
-        for lo in range(0, w.shape[0], 4096):  # bounds the float32 working copies
-            x = mx.array(w[lo:lo + 4096])
-            q, s, b = mx.quantize(x, group_size=group_size, bits=bits)
-            parts.append((np.array(q), np.array(s), np.array(b), x))
-        with np.errstate(over="ignore"):
-            narrow = scale_dtype == "float16" and all(
-                np.isfinite(p[i].astype(np.float16)).all() for p in parts for i in (1, 2))
-        dtype = np.float16 if narrow else np.float32
-        for q, s, b, x in parts:
-            s, b = s.astype(dtype).astype(np.float32), b.astype(dtype).astype(np.float32)
-            d = mx.dequantize(mx.array(q), mx.array(s), mx.array(b), group_size=group_size,
-                              bits=bits)
-            e = float(mx.abs(d - x).max().item())
-            err = worse_error(err, e)
-    w_q, s, b = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return QuantTensor(w_q, s.astype(dtype), b.astype(dtype), bits, group_size), err
-
-
 def dequantize_requantize(data: np.ndarray, qtype: QType, shape: tuple[int, int], bits: int = 8,
                           group_size: int = 32, scale_dtype: str = "float16") -> Mapped:
     """Opt-in path for any type gguf-py can dequantize (IQ2_XXS, ..., or a type that maps but
@@ -526,12 +497,14 @@ def dequantize_requantize(data: np.ndarray, qtype: QType, shape: tuple[int, int]
     `bits` / `group_size`; class "requantized" with the measured max abs error."""
     import gguf.quants
 
+    from .hf_reader import quantize_float
+
     try:
         ref = gguf.quants.dequantize(data, qtype)  # (rows, cols) float32
     except NotImplementedError:
         raise UnsupportedError(f"type {qtype.name}: gguf-py cannot dequantize it, so it cannot "
                                "be re-quantized either") from None
-    t, err = requantize_rows(ref.reshape(shape), bits, group_size, scale_dtype)
+    t, err = quantize_float(ref.reshape(shape), bits, group_size, scale_dtype)
     return Mapped(t, REQUANTIZED, f"{qtype.name} has no exact MLX layout: re-quantized to "
                   f"{bits}-bit group {group_size} from gguf-py's dequantization", err)
 

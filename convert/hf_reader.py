@@ -112,20 +112,31 @@ def dequantize(t: QuantTensor) -> np.ndarray:
 
 def quantize_float(w: np.ndarray, bits: int, group_size: int,
                    scale_dtype: str = "float16") -> tuple[QuantTensor, float]:
-    """mx.quantize a float (rows, cols) matrix; returns it with its max abs error against `w`,
-    measured on the stored scales (dequantized in float32)."""
-    np_dt, mx_dt = _SCALE_DTYPES[scale_dtype]
-    parts, err = [], 0.0
-    for lo in range(0, w.shape[0], ROW_BLOCK):
-        x = mx.array(np.asarray(w[lo:lo + ROW_BLOCK], dtype=np.float32))
-        q, s, b = mx.quantize(x, group_size=group_size, bits=bits)
-        s, b = s.astype(mx_dt), b.astype(mx_dt)
-        d = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size,
-                          bits=bits)
-        e = mx.abs(d - x).max().item()
-        err = worse_error(err, e)
-        parts.append((np.array(q), np.array(s), np.array(b)))
-    w_q, s, b = (np.concatenate(p) for p in zip(*parts))
+    """A float (rows, cols) matrix -> MLX affine `bits` / `group_size` (mx.quantize: min-max
+    per group, zero on the grid) and its max abs error against `w`, measured on the CPU with
+    the stored scales (NaN if anything overflowed). ROW_BLOCK rows at a time, so only one
+    block is ever in float32. Scales or biases beyond float16 keep the whole tensor in
+    float32 (the same tensor in one dtype)."""
+    np_dt, _ = _SCALE_DTYPES[scale_dtype]
+    parts = []
+    with mx.stream(mx.cpu):
+        for lo in range(0, w.shape[0], ROW_BLOCK):
+            x = mx.array(np.asarray(w[lo:lo + ROW_BLOCK], dtype=np.float32))
+            q, s, b = mx.quantize(x, group_size=group_size, bits=bits)
+            parts.append((np.array(q), np.array(s), np.array(b)))
+        if np_dt == np.float16:
+            with np.errstate(over="ignore"):
+                fits = all(np.isfinite(p[i].astype(np.float16)).all() for p in parts
+                           for i in (1, 2))
+            np_dt = np.float16 if fits else np.float32
+        err = 0.0
+        for lo, (q, s, b) in zip(range(0, w.shape[0], ROW_BLOCK), parts):
+            x = mx.array(np.asarray(w[lo:lo + ROW_BLOCK], dtype=np.float32))
+            d = mx.dequantize(mx.array(q), mx.array(s.astype(np_dt).astype(np.float32)),
+                              mx.array(b.astype(np_dt).astype(np.float32)),
+                              group_size=group_size, bits=bits)
+            err = worse_error(err, mx.abs(d - x).max().item())
+    w_q, s, b = (np.concatenate([p[i] for p in parts]) for i in range(3))
     return QuantTensor(w_q, s.astype(np_dt), b.astype(np_dt), bits, group_size), err
 
 

@@ -175,6 +175,26 @@ def test_float_checkpoint_is_quantized_with_measured_error(tmp_path, arch, dtype
     assert rel_err(edgert_logits(cm, tmp_path / "pkg"), ref) < 1e-4
 
 
+def test_float_checkpoint_beyond_float16_keeps_float32_scales(tmp_path):
+    """A float32 checkpoint whose weights reach 1e6 (float16 stops at 65504): scales stored in
+    float16 would be inf, so that tensor keeps float32 scales and biases and still dequantizes
+    close to the source; the others stay float16."""
+    hf = hf_model("llama", torch.float32)
+    big = "model.layers.0.mlp.down_proj.weight"
+    with torch.no_grad():
+        hf.state_dict()[big].mul_(1e7)
+    hf.save_pretrained(tmp_path / "hf")
+    source = hf.state_dict()[big].numpy()
+    assert np.abs(source).max() > 65504
+    recs = records(read_hf_folder(tmp_path / "hf"))
+    t = recs[big].value
+    assert t.scales.dtype == t.biases.dtype == np.float32
+    err = np.abs(deq(t) - source).max()
+    assert np.isfinite(err) and recs[big].max_abs_error == err
+    assert err <= np.abs(t.scales).max()  # within one quantization step (inf/NaN in float16)
+    assert recs["model.layers.0.mlp.up_proj.weight"].value.scales.dtype == np.float16
+
+
 def test_overrides_patterns_and_float(tmp_path):
     hf = hf_model("llama")
     hf.save_pretrained(tmp_path / "hf")

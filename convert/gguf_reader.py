@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
 from gguf.quants import dequantize as gguf_dequantize
 
 from edgert.errors import EdgertError, UnsupportedError
@@ -49,12 +49,20 @@ MODEL_BLOCK_NAMES = {
 # llama.cpp stores Gemma's RMSNorm weights w as 1 + w (convert_hf_to_gguf.py, Gemma3Model);
 # HF names carry w, so this much is subtracted from every `*norm.weight` on the way back.
 NORM_SHIFT = {"gemma3_text": 1.0}
-# Types gguf-py can dequantize in numpy (the reference for `requantize` and `edgert verify`).
-_GGUF_PY_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-                  "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-                  "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
 SKIPPED = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_py_dequantizes(qtype) -> bool:
+    """Whether gguf-py can dequantize `qtype` in numpy (the reference for `requantize` and
+    `edgert verify`): asked of gguf-py itself, on one zero block."""
+    if qtype not in GGML_QUANT_SIZES:
+        return False
+    try:
+        gguf_dequantize(np.zeros(GGML_QUANT_SIZES[qtype][1], np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ opening, with bounds checks
@@ -457,7 +465,7 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
             if hf_name(t.name, arch) is None:
                 raise UnsupportedError(f"tensor {t.name} has no {arch} counterpart")
             if requantize and t.tensor_type not in TYPES:
-                if t.tensor_type.name not in _GGUF_PY_TYPES:
+                if not gguf_py_dequantizes(t.tensor_type):
                     raise UnsupportedError(f"tensor {t.name}: gguf-py cannot dequantize "
                                            f"{t.tensor_type.name} either")
             elif mlx_type(t.tensor_type, t.name) and len(t.shape) != 2 and (

@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from edgert.convert.api import convert_file, ensure_package
-from edgert.convert.canonical import CanonicalModel, TensorRecord
+from edgert.convert.canonical import REQUANTIZED, CanonicalModel, TensorRecord
 from edgert.convert.gguf_reader import open_gguf, read_gguf
 from edgert.convert.mlx_writer import OutputExistsError, write_mlx_package
 from edgert.errors import EdgertError, UnsupportedError
@@ -23,6 +23,13 @@ from edgert.package import load_model
 from edgert.paths import sha256_file
 
 # ------------------------------------------------------------- tiny GGUFs, written like llama.cpp
+
+
+def mx_dequantize(t) -> np.ndarray:
+    """MLX's own dequantization of a QuantTensor (float32)."""
+    return np.array(mx.dequantize(mx.array(t.w_q), mx.array(t.scales.astype(np.float32)),
+                                  mx.array(t.biases.astype(np.float32)),
+                                  group_size=t.group_size, bits=t.bits))
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -76,7 +83,7 @@ def tiny_gguf(path: Path, arch: str = "llama", qtype: T = T.Q4_0, types: dict | 
     for name, shape in shapes.items():
         x = (0.1 * rng.standard_normal(shape) + ("norm" in name)).astype(np.float32)
         t = (types or {}).get(name, qtype if len(shape) == 2 else T.F32)
-        if t in (T.Q6_K, T.Q2_K, T.IQ2_XXS, T.IQ3_S):  # no numpy quantizer: random blocks
+        if t in (T.Q6_K, T.Q2_K, T.IQ2_XXS, T.IQ3_S, T.NVFP4, T.Q8_K):  # random blocks
             block, size = gguf.GGML_QUANT_SIZES[t]
             raw = rng.integers(0, 256, (shape[0], shape[1] // block * size), dtype=np.uint8)
             w.add_tensor(name, raw, raw_dtype=t)
@@ -450,6 +457,29 @@ def test_unsupported_tensor_type(tmp_path, qtype):
               types={"blk.0.ffn_down.weight": qtype})
     assert_refused(src, tmp_path, f"tensor blk.0.ffn_down.weight has type {qtype.name}, "
                    "not supported yet", kind=UnsupportedError)
+
+
+def test_requantize_takes_what_gguf_py_dequantizes(tmp_path):
+    """--requantize lets through any type gguf-py can dequantize (NVFP4 here, which has no MLX
+    mapping), held to gguf-py's dequantization; a type gguf-py cannot read (Q8_K) is refused
+    up front, naming the tensor."""
+    src = tmp_path / "nvfp4.gguf"
+    tiny_gguf(src, layers=1, types={"blk.0.ffn_down.weight": T.NVFP4})
+    assert_refused(src, tmp_path, "blk.0.ffn_down.weight has type NVFP4", kind=UnsupportedError)
+    raw = next(t for t in gguf.GGUFReader(src).tensors if t.name == "blk.0.ffn_down.weight")
+    ref = gguf.quants.dequantize(raw.data, T.NVFP4)
+    rec = next(r for r in read_gguf(src, requantize=True).tensors()
+               if r.name == "model.layers.0.mlp.down_proj.weight")
+    assert rec.mapping == REQUANTIZED and (rec.value.bits, rec.value.group_size) == (4, 64)
+    err = np.abs(mx_dequantize(rec.value) - ref).max()
+    assert rec.max_abs_error == pytest.approx(err) and err <= np.abs(rec.value.scales).max()
+
+    src = tmp_path / "q8k.gguf"
+    tiny_gguf(src, layers=1, hidden=256, heads=4, kv_heads=4, ffn=256,
+              types={"blk.0.ffn_down.weight": T.Q8_K})
+    with pytest.raises(UnsupportedError, match="tensor blk.0.ffn_down.weight: gguf-py cannot "
+                                               "dequantize Q8_K either"):
+        read_gguf(src, requantize=True)
 
 
 def test_unknown_tensor_type_id(tiny, tmp_path):

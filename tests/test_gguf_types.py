@@ -247,7 +247,7 @@ def test_unsupported_type_names_the_tensor_and_type():
     assert set(TYPES) == set(CLASSES) | {T.F32, T.F16, T.BF16}
 
 
-@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ3_S, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.IQ3_S, T.Q6_K, T.NVFP4], ids=lambda t: t.name)
 def test_dequantize_requantize_is_held_to_its_error(qtype):
     """The opt-in path for types without a mapping (gguf-py dequantizes, MLX re-quantizes)."""
     block, size = type_layout(qtype)

@@ -740,7 +740,11 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
             continue
         v = rec.value
         enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
-        weights[rec.name], records[rec.name] = enc, rec
+        # provenance only: keeping `rec` would keep its packed source codes (4 GB for an 8B
+        # 4-bit model) alongside the encoded ones until the report is written
+        weights[rec.name], records[rec.name] = enc, {
+            "source_name": rec.source_name, "source_type": rec.source_type,
+            "source_class": rec.mapping, "note": rec.note}
     if "model.embed_tokens.weight" not in weights:
         raise EdgertError("the model has no model.embed_tokens.weight")
     if arch.tie_word_embeddings:
@@ -809,7 +813,8 @@ def manifest_path(pkg: Path) -> Path:
 
 
 def _tensor_report(pkg: Path, weights: dict[str, Encoded], records: dict) -> tuple[dict, dict]:
-    """Per-tensor report with bits per weight measured in the package's weight.bin."""
+    """Per-tensor report with bits per weight measured in the package's weight.bin;
+    `records` holds each tensor's provenance (source_name, source_type, source_class, note)."""
     from .mil_interpreter import weight_blob_bytes
 
     blob = weight_blob_bytes(pkg, function="decode")  # op name -> bytes of its blob inputs
@@ -820,17 +825,17 @@ def _tensor_report(pkg: Path, weights: dict[str, Encoded], records: dict) -> tup
         n = int(np.prod(enc.shape))
         nbytes = blob.get(_op_name(name), 0)
         tensors[name] = {
-            "source_name": rec.source_name,
-            "source_type": rec.source_type,
-            "source_class": rec.mapping,
+            "source_name": rec["source_name"],
+            "source_type": rec["source_type"],
+            "source_class": rec["source_class"],
             "coreml": enc.description,
             "class": enc.mapping,
             "shape": list(enc.shape),
             "max_abs_error": enc.max_abs_error,
             "bits_per_weight": round(8 * nbytes / max(n, 1), 4),
         }
-        if rec.note:
-            tensors[name]["note"] = rec.note
+        if rec["note"]:
+            tensors[name]["note"] = rec["note"]
         if nbytes == 0:
             tensors[name]["note"] = "not in weight.bin (inline, or folded away by coremltools)"
         counts[enc.description] = counts.get(enc.description, 0) + 1

@@ -591,27 +591,28 @@ def weight_blob_bytes(path: str | Path, function: str | None = None) -> dict[str
     funcs = spec.mlProgram.functions
     func = funcs[function or next(iter(funcs))]
     block = func.block_specializations[func.opset]
-    blob = (spec_file.parent / "weights" / "weight.bin").read_bytes()
 
-    def nbytes(value) -> int:
+    def nbytes(value) -> int:  # from the blob's 16-byte header: sentinel, dtype, size
         if value.WhichOneof("value") != "blobFileValue":
             return 0
         off = value.blobFileValue.offset
-        sentinel, _dtype, size = struct.unpack_from("<IIQ", blob, off)
-        if sentinel != 0xDEADBEEF:
+        blob.seek(off)
+        header = blob.read(16)
+        if len(header) < 16 or struct.unpack("<I", header[:4])[0] != 0xDEADBEEF:
             raise EdgertError(f"{path}: weight.bin has no blob at offset {off}")
-        return size
+        return struct.unpack("<Q", header[8:])[0]
 
     sizes: dict[str, int] = {}
-    for op in block.operations:
-        if op.type == "const":
-            sizes[op.outputs[0].name] = nbytes(op.attributes["val"])
-        elif op.type.startswith("constexpr_"):
-            total = 0
-            for arg in op.inputs.values():
-                for a in arg.arguments:
-                    total += nbytes(a.value) if a.HasField("value") else sizes.get(a.name, 0)
-            sizes[op.outputs[0].name] = total
+    with open(spec_file.parent / "weights" / "weight.bin", "rb") as blob:  # headers only
+        for op in block.operations:
+            if op.type == "const":
+                sizes[op.outputs[0].name] = nbytes(op.attributes["val"])
+            elif op.type.startswith("constexpr_"):
+                total = 0
+                for arg in op.inputs.values():
+                    for a in arg.arguments:
+                        total += nbytes(a.value) if a.HasField("value") else sizes.get(a.name, 0)
+                sizes[op.outputs[0].name] = total
     return sizes
 
 

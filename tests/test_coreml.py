@@ -342,6 +342,31 @@ def test_functions_share_weights(exported):
     assert weight_bin.stat().st_size < 1.1 * decode  # prefill adds no second copy
 
 
+def test_shared_consts_are_equal_in_full():
+    """Cross-function sharing compares whole values: consts that agree on their first 100
+    elements (all coremltools' own hash looks at) but differ later stay apart."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Program, types
+
+    from edgert.convert.coreml_writer import share_consts_across_functions
+
+    a = np.zeros((4, 64), np.float16)
+    c = np.arange(256, dtype=np.float16).reshape(4, 64)
+    d = c.copy()
+    d[3, 63] = -1
+    prog = Program()
+    for fn, second in (("f", c), ("g", d)):
+        with Function({"x": mb.TensorSpec((4, 64), types.fp16)}) as func:
+            y = mb.add(x=func.inputs["x"], y=mb.const(val=a.copy(), name="same"))
+            func.set_outputs([mb.add(x=y, y=mb.const(val=second, name="other"))])
+        prog.add_function(fn, func)
+    assert share_consts_across_functions(prog) == 2
+    ids = {(name, op.name): op.weight_id for name, f in prog.functions.items()
+           for op in f.operations if op.op_type == "const" and op.name in ("same", "other")}
+    assert ids[("f", "same")] == ids[("g", "same")] is not None
+    assert ids[("f", "other")] is None and ids[("g", "other")] is None
+
+
 @pytest.mark.parametrize("arch,variant,bpw", [
     ("qwen3", "q1", 1.25),  # 1 bit + a 2-entry fp16 palette per 128 weights
     ("qwen3", "q2_ternary", 2.5),  # 2 bits + 4 fp16 entries per 128

@@ -42,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -63,6 +64,8 @@ PREFILL_MAX = 512  # longest prefill chunk: bounds the (L, context) mask and att
 # 3.5 GB on 8 GB iPhones without the increased-memory entitlement, ~6 GB with it, and the
 # weights need room too. macOS 15 / 26 run the same packages (same limit).
 MAX_KV_BYTES = {"iOS18": 4 << 30, "iOS26": 4 << 30}
+# progress(stage, done, total): "encoding weights" counts tensors; later stages pass 0, 0
+Progress = Callable[[str, int, int], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +489,8 @@ def build_program(arch: Arch, weights: dict[str, Encoded], context: int, functio
     return prog
 
 
-def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int, target: str):
+def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int, target: str,
+                          progress: Progress | None = None):
     """Both functions in one MLModel (not loaded), weights stored once.
 
     Each function goes through coremltools' pass pipeline on its own; the two optimised
@@ -500,6 +504,8 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
 
     multi = Program()
     for fn in FUNCTIONS:
+        if progress:
+            progress(f"building and optimising {fn}", 0, 0)
         prog = build_program(arch, weights, context, fn, target)
         optimised = convert_program(prog, fn, context, target, convert_to="milinternal")
         multi.add_function(fn, optimised.functions["main"])
@@ -507,6 +513,8 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
     share_consts_across_functions(multi)
     multi.skip_all_passes = True
     multi.export_as_multifunction = True
+    if progress:
+        progress("writing weight.bin", 0, 0)
     with _quiet_passes():
         return mil_convert(multi, convert_to="mlprogram", convert_from="milinternal",
                            specification_version=getattr(ct.target, target),
@@ -714,7 +722,8 @@ def check_output(out: Path, target: str, force: bool) -> None:
 
 
 def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = None,
-                 target: str = "iOS18", force: bool = False) -> dict:
+                 target: str = "iOS18", force: bool = False,
+                 progress: Progress | None = None) -> dict:
     """Write `canonical` as a stateful multifunction Core ML package at `out` (.mlpackage).
 
     `context` is the KV cache length (default DEFAULT_CONTEXT or the model's limit; at most
@@ -723,7 +732,8 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     Returns the report: per-tensor representation, class, max abs error and bits per weight
     (measured in weight.bin), totals and timings. Writes to a temporary folder next to `out`
     and renames it when complete; refuses an existing `out` unless `force`. Raises
-    EdgertError / UnsupportedError (one line) for what it cannot express.
+    EdgertError / UnsupportedError (one line) for what it cannot express. `progress` hears
+    of each tensor encoded and of each later stage (see Progress).
     """
     t0 = time.time()
     out = Path(out)
@@ -735,16 +745,17 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
         raise UnsupportedError("Core ML export: attention heads not a multiple of KV heads")
 
     weights, records = {}, {}
-    for rec in canonical.tensors():
-        if "rotary_emb.inv_freq" in rec.name:
-            continue
-        v = rec.value
-        enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
-        # provenance only: keeping `rec` would keep its packed source codes (4 GB for an 8B
-        # 4-bit model) alongside the encoded ones until the report is written
-        weights[rec.name], records[rec.name] = enc, {
-            "source_name": rec.source_name, "source_type": rec.source_type,
-            "source_class": rec.mapping, "note": rec.note}
+    for i, rec in enumerate(canonical.tensors(), 1):
+        if "rotary_emb.inv_freq" not in rec.name:
+            v = rec.value
+            enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
+            # provenance only: keeping `rec` would keep its packed source codes (4 GB for an
+            # 8B 4-bit model) alongside the encoded ones until the report is written
+            weights[rec.name], records[rec.name] = enc, {
+                "source_name": rec.source_name, "source_type": rec.source_type,
+                "source_class": rec.mapping, "note": rec.note}
+        if progress:
+            progress("encoding weights", i, canonical.tensor_count)
     if "model.embed_tokens.weight" not in weights:
         raise EdgertError("the model has no model.embed_tokens.weight")
     if arch.tie_word_embeddings:
@@ -758,9 +769,11 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     try:
         t_convert = time.time()
         pkg = work / out.name
-        convert_multifunction(arch, weights, context, target).save(str(pkg))
+        convert_multifunction(arch, weights, context, target, progress).save(str(pkg))
         t_convert = time.time() - t_convert
 
+        if progress:
+            progress("measuring bits per weight", 0, 0)
         tensors, summary = _tensor_report(pkg, weights, records)
         manifest = build_manifest(canonical, arch, context, target, summary)
         item = work / "edgert"
@@ -793,7 +806,8 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
 
 
 def convert_to_coreml(src: Path, out: Path, *, context: int | None = None,
-                      target: str = "iOS18", force: bool = False, **options) -> dict:
+                      target: str = "iOS18", force: bool = False,
+                      progress: Progress | None = None, **options) -> dict:
     """Read a checkpoint (GGUF file or HF folder; `options` go to `read_source`) and write it
     as a Core ML package at `out`; returns write_coreml's report. Cheap refusals (an existing
     output, a bad suffix or target) come before the source is read."""
@@ -801,8 +815,11 @@ def convert_to_coreml(src: Path, out: Path, *, context: int | None = None,
 
     out = Path(out)
     check_output(out, target, force)
+    if progress:
+        progress(f"reading {Path(src).name}", 0, 0)
     canonical = read_source(Path(src), **options)
-    return write_coreml(canonical, out, context=context, target=target, force=force)
+    return write_coreml(canonical, out, context=context, target=target, force=force,
+                        progress=progress)
 
 
 def manifest_path(pkg: Path) -> Path:

@@ -78,6 +78,8 @@ def coreml_export(f):
                 raise EdgertError("--target and --context apply to --to coreml only")
             return f(**kw)
         from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
 
         from .convert.coreml_writer import convert_to_coreml
 
@@ -85,9 +87,16 @@ def coreml_export(f):
         for k in ("bits", "group_size"):
             if kw.get(k) is not None:
                 options[k] = int(kw[k])
-        with Console(stderr=True).status(f"converting {kw['src'].name} to Core ML…"):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("Core ML", total=None)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.update(task, description=stage, completed=done, total=total or None)
+
             report = convert_to_coreml(kw["src"], kw["out"], context=context,
-                                       target=target or "iOS18", force=kw["force"], **options)
+                                       target=target or "iOS18", force=kw["force"],
+                                       progress=progress, **options)
         s = report["summary"]
         click.echo(f"wrote {report['path']} ({report['target']}, context {report['context']}, "
                    f"{s['parameters'] / 1e6:.0f}M parameters at {s['bits_per_weight']:.2f} "

@@ -342,6 +342,20 @@ def test_functions_share_weights(exported):
     assert weight_bin.stat().st_size < 1.1 * decode  # prefill adds no second copy
 
 
+def test_progress_counts_every_tensor_then_names_each_stage(tmp_path):
+    root = tmp_path
+    write_mlx_package(root, "qwen3", *VARIANTS["q4"][:3])
+    canonical = canonical_from_mlx(root)
+    calls = []
+    write_coreml(canonical, tmp_path / "p.mlpackage", context=CONTEXT,
+                 progress=lambda *a: calls.append(a))
+    n = canonical.tensor_count
+    assert calls[:n] == [("encoding weights", i, n) for i in range(1, n + 1)]
+    assert [c[0] for c in calls[n:]] == ["building and optimising prefill",
+                                         "building and optimising decode",
+                                         "writing weight.bin", "measuring bits per weight"]
+
+
 def test_shared_consts_are_equal_in_full():
     """Cross-function sharing compares whole values: consts that agree on their first 100
     elements (all coremltools' own hash looks at) but differ later stay apart."""

@@ -46,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgert.bitpack import unpack_rows
 from edgert.errors import EdgertError, UnsupportedError
 
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
@@ -146,25 +147,10 @@ def rope_tables(inv_freq: np.ndarray, context: int) -> tuple[np.ndarray, np.ndar
 # ---------------------------------------------------------------------------------------------
 
 
-def unpack_bits(w_q: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """(rows, cols * bits // 32) uint32 little-endian bitstreams -> (rows, cols) uint8."""
-    rows = w_q.shape[0]
-    raw = np.ascontiguousarray(w_q).view(np.uint8)  # (rows, cols * bits // 8), LSB first
-    if bits == 8:
-        return raw.copy()
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = (np.arange(per, dtype=np.uint8) * bits)[None, None, :]
-        q = (raw[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)  # (rows, bytes, per)
-        return q.reshape(rows, cols)
-    b = np.unpackbits(raw, axis=1, bitorder="little").reshape(rows, cols, bits)
-    return (b.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
-
-
 def dequantize(t: QuantTensor) -> np.ndarray:
     """The canonical weight s*q + b in float32 (what the MLX runtime computes with)."""
     rows, cols = t.shape
-    q = unpack_bits(t.w_q, t.bits, cols).reshape(rows, -1, t.group_size).astype(np.float32)
+    q = unpack_rows(t.w_q, t.bits).reshape(rows, -1, t.group_size).astype(np.float32)
     s = t.scales.astype(np.float32)[:, :, None]
     b = t.biases.astype(np.float32)[:, :, None]
     return (s * q + b).reshape(rows, cols)
@@ -240,7 +226,7 @@ def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
         raise UnsupportedError(f"Core ML export: {t.bits}-bit weights")
     rows, cols = t.shape
     g = t.group_size
-    q = unpack_bits(t.w_q, t.bits, cols)  # (rows, cols) uint8
+    q = unpack_rows(t.w_q, t.bits)  # (rows, cols) uint8
     s64, b64 = t.scales.astype(np.float64), t.biases.astype(np.float64)  # (rows, cols // g)
     ref = t  # errors are measured against dequantize(t), in row chunks
 

@@ -16,8 +16,9 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from edgert.convert.canonical import EXACT, CanonicalModel, QuantTensor, TensorRecord
+from edgert.bitpack import unpack_rows
 from edgert.convert.coreml_writer import (MASK_VALUE, dequantize, decompress, encode_quant,
-                                          manifest_path, unpack_bits, write_coreml)
+                                          manifest_path, write_coreml)
 from edgert.convert.mil_interpreter import (InterpreterSession, count_ops, load_package,
                                             state_update_violations, weight_blob_bytes)
 from edgert.errors import EdgertError, UnsupportedError
@@ -479,7 +480,7 @@ def test_unpack_and_dequantize_match_mlx(bits):
     ref = mx.dequantize(mx.array(t.w_q), mx.array(t.scales).astype(mx.float32),
                         mx.array(t.biases).astype(mx.float32), 32, bits)
     assert np.array_equal(dequantize(t), np.array(ref))
-    assert unpack_bits(t.w_q, bits, 256).max() == 2**bits - 1
+    assert unpack_rows(t.w_q, bits).max() == 2**bits - 1
 
 
 @pytest.mark.parametrize("bits,pattern", [(1, "mlx"), (2, "mlx"), (3, "mlx"), (4, "q4_0"),

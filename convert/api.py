@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,11 +38,10 @@ def read_source(src: Path, *, bits: int | None = None, group_size: int | None = 
 
 
 @contextmanager
-def _progress(total: int, label: str,
-              enabled: bool) -> Iterator[Callable[[TensorRecord], None] | None]:
-    if not enabled:
-        yield None
-        return
+def progress_bar(label: str,
+                 total: int | None = None) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient rich bar on stderr; yields update(description, done, total), total 0 or
+    None meaning unknown (coreml_writer's Progress)."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
@@ -49,7 +49,19 @@ def _progress(total: int, label: str,
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda record: bar.advance(task)
+        yield lambda description, done, total: bar.update(
+            task, description=description, completed=done, total=total or None)
+
+
+@contextmanager
+def _progress(total: int, label: str,
+              enabled: bool) -> Iterator[Callable[[TensorRecord], None] | None]:
+    if not enabled:
+        yield None
+        return
+    with progress_bar(label, total) as update:
+        done = itertools.count(1)
+        yield lambda record: update(label, next(done), total)
 
 
 def convert_file(src: Path, out: Path, *, force: bool = False, progress: bool = True,

@@ -77,23 +77,14 @@ def coreml_export(f):
             if target is not None or context is not None:
                 raise EdgertError("--target and --context apply to --to coreml only")
             return f(**kw)
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
-
+        from .convert.api import progress_bar
         from .convert.coreml_writer import convert_to_coreml
 
         options = {k: kw[k] for k in ("overrides", "requantize", "scale_dtype") if k in kw}
         for k in ("bits", "group_size"):
             if kw.get(k) is not None:
                 options[k] = int(kw[k])
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("Core ML", total=None)
-
-            def progress(stage: str, done: int, total: int) -> None:
-                bar.update(task, description=stage, completed=done, total=total or None)
-
+        with progress_bar("Core ML") as progress:
             report = convert_to_coreml(kw["src"], kw["out"], context=context,
                                        target=target or "iOS18", force=kw["force"],
                                        progress=progress, **options)

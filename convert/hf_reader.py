@@ -96,7 +96,7 @@ def safetensors_index(folder: Path) -> dict[str, TensorRef]:
 
 # ------------------------------------------------------------------ MLX affine quantization
 
-_SCALE_DTYPES = {"float16": (np.float16, mx.float16), "float32": (np.float32, mx.float32)}
+_SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def _dequantize(t: QuantTensor) -> mx.array:
@@ -117,7 +117,7 @@ def quantize_float(w: np.ndarray, bits: int, group_size: int,
     the stored scales (NaN if anything overflowed). ROW_BLOCK rows at a time, so only one
     block is ever in float32. Scales or biases beyond float16 keep the whole tensor in
     float32 (the same tensor in one dtype)."""
-    np_dt, _ = _SCALE_DTYPES[scale_dtype]
+    np_dt = _SCALE_DTYPES[scale_dtype]
     parts = []
     with mx.stream(mx.cpu):
         for lo in range(0, w.shape[0], ROW_BLOCK):

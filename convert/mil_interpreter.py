@@ -598,9 +598,10 @@ def weight_blob_bytes(path: str | Path, function: str | None = None) -> dict[str
         off = value.blobFileValue.offset
         blob.seek(off)
         header = blob.read(16)
-        if len(header) < 16 or struct.unpack("<I", header[:4])[0] != 0xDEADBEEF:
+        sentinel, _dtype, size = struct.unpack("<IIQ", header) if len(header) == 16 else (0,) * 3
+        if sentinel != 0xDEADBEEF:
             raise EdgertError(f"{path}: weight.bin has no blob at offset {off}")
-        return struct.unpack("<Q", header[8:])[0]
+        return size
 
     sizes: dict[str, int] = {}
     with open(spec_file.parent / "weights" / "weight.bin", "rb") as blob:  # headers only

@@ -527,9 +527,8 @@ def share_consts_across_functions(prog) -> int:
             val = op.outputs[0].val
             if not isinstance(val, (np.ndarray, np.generic)):
                 continue
-            a = np.ascontiguousarray(val)
-            digest = hashlib.sha256(a.view(np.uint8).reshape(-1) if a.ndim else a.tobytes())
-            key = (str(op.outputs[0].dtype), a.shape, digest.hexdigest())
+            digest = hashlib.sha256(np.ascontiguousarray(val)).hexdigest()
+            key = (str(op.outputs[0].dtype), np.shape(val), digest)
             groups.setdefault(key, []).append(op)
     shared = 0
     for i, ops in enumerate(g for g in groups.values() if len(g) > 1):

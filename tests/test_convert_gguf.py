@@ -21,15 +21,9 @@ from edgert.convert.mlx_writer import OutputExistsError, write_mlx_package
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.package import load_model
 from edgert.paths import sha256_file
+from test_hf_reader import deq  # MLX's own dequantization
 
 # ------------------------------------------------------------- tiny GGUFs, written like llama.cpp
-
-
-def mx_dequantize(t) -> np.ndarray:
-    """MLX's own dequantization of a QuantTensor (float32)."""
-    return np.array(mx.dequantize(mx.array(t.w_q), mx.array(t.scales.astype(np.float32)),
-                                  mx.array(t.biases.astype(np.float32)),
-                                  group_size=t.group_size, bits=t.bits))
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -471,7 +465,7 @@ def test_requantize_takes_what_gguf_py_dequantizes(tmp_path):
     rec = next(r for r in read_gguf(src, requantize=True).tensors()
                if r.name == "model.layers.0.mlp.down_proj.weight")
     assert rec.mapping == REQUANTIZED and (rec.value.bits, rec.value.group_size) == (4, 64)
-    err = np.abs(mx_dequantize(rec.value) - ref).max()
+    err = np.abs(deq(rec.value) - ref).max()
     assert rec.max_abs_error == pytest.approx(err) and err <= np.abs(rec.value.scales).max()
 
     src = tmp_path / "q8k.gguf"

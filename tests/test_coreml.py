@@ -344,9 +344,8 @@ def test_functions_share_weights(exported):
 
 
 def test_progress_counts_every_tensor_then_names_each_stage(tmp_path):
-    root = tmp_path
-    write_mlx_package(root, "qwen3", *VARIANTS["q4"][:3])
-    canonical = canonical_from_mlx(root)
+    write_mlx_package(tmp_path, "qwen3", *VARIANTS["q4"][:3])
+    canonical = canonical_from_mlx(tmp_path)
     calls = []
     write_coreml(canonical, tmp_path / "p.mlpackage", context=CONTEXT,
                  progress=lambda *a: calls.append(a))

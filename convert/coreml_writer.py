@@ -149,10 +149,15 @@ def rope_tables(inv_freq: np.ndarray, context: int) -> tuple[np.ndarray, np.ndar
 
 def dequantize(t: QuantTensor) -> np.ndarray:
     """The canonical weight s*q + b in float32 (what the MLX runtime computes with)."""
-    rows, cols = t.shape
-    q = unpack_rows(t.w_q, t.bits).reshape(rows, -1, t.group_size).astype(np.float32)
-    s = t.scales.astype(np.float32)[:, :, None]
-    b = t.biases.astype(np.float32)[:, :, None]
+    return _affine(unpack_rows(t.w_q, t.bits), t.scales, t.biases, t.group_size)
+
+
+def _affine(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, group: int) -> np.ndarray:
+    """s*q + b per (row, group) in float32, from (rows, cols) unpacked codes."""
+    rows, cols = q.shape
+    q = q.reshape(rows, -1, group).astype(np.float32)
+    s = scales.astype(np.float32)[:, :, None]
+    b = biases.astype(np.float32)[:, :, None]
     return (s * q + b).reshape(rows, cols)
 
 
@@ -228,7 +233,6 @@ def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
     g = t.group_size
     q = unpack_rows(t.w_q, t.bits)  # (rows, cols) uint8
     s64, b64 = t.scales.astype(np.float64), t.biases.astype(np.float64)  # (rows, cols // g)
-    ref = t  # errors are measured against dequantize(t), in row chunks
 
     if t.bits <= 3:
         z = -b64 / np.where(s64 == 0, 1, s64)
@@ -246,14 +250,14 @@ def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
                 }, {"indices": f"uint{t.bits}"},
                     f"lut_scale uint{t.bits} int8 palette {levels.astype(int).tolist()} g{g}",
                     EXACT, 0.0, (rows, cols))
-                return _with_error(enc, ref)
+                return _with_error(enc, t, q)
         levels = np.arange(2**t.bits, dtype=np.float32)
         lut = (t.scales.astype(np.float32)[:, :, None] * levels
                + t.biases.astype(np.float32)[:, :, None])  # (rows, cols // g, 2**bits)
         enc = Encoded("lut", {"indices": q, "lut": lut.astype(np.float16)[..., None]},
                       {"indices": f"uint{t.bits}"},
                       f"lut uint{t.bits} per (row, {g}) block", EXACT, 0.0, (rows, cols))
-        return _with_error(enc, ref)
+        return _with_error(enc, t, q)
 
     data_bits = 4 if t.bits == 4 else 8
     data_dtype = f"uint{data_bits}"
@@ -269,7 +273,7 @@ def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
         desc = f"shift_scale {data_dtype} g{g} offset {data_dtype if integer else 'fp16'}"
         enc = Encoded("shift_scale", {"data": q, "scale": scale, "offset": offset}, dtypes,
                       desc, widened if exact else REQUANTIZED, 0.0, (rows, cols))
-        return _with_error(enc, ref)
+        return _with_error(enc, t, q)
 
     z_int = np.round(z)
     options = []
@@ -310,14 +314,15 @@ def _rows(enc: Encoded, rows: slice) -> Encoded:
     return Encoded(enc.kind, arrays, enc.dtypes, enc.description, enc.mapping, 0.0, enc.shape)
 
 
-def _with_error(enc: Encoded, t: QuantTensor) -> Encoded:
-    """Set enc.max_abs_error: max |Core ML's weight - dequantize(t)|, ERROR_ROWS at a time."""
+def _with_error(enc: Encoded, t: QuantTensor, q: np.ndarray) -> Encoded:
+    """Set enc.max_abs_error: max |Core ML's weight - dequantize(t)|, ERROR_ROWS at a time;
+    `q` is t's codes, already unpacked."""
     err = 0.0
     for start in range(0, enc.shape[0], ERROR_ROWS):
         r = slice(start, start + ERROR_ROWS)
-        part = QuantTensor(t.w_q[r], t.scales[r], t.biases[r], t.bits, t.group_size, t.mode)
         got = decompress(_rows(enc, r)).astype(np.float32)
-        err = max(err, float(np.abs(got - dequantize(part)).max()))
+        ref = _affine(q[r], t.scales[r], t.biases[r], t.group_size)
+        err = max(err, float(np.abs(got - ref).max()))
     enc.max_abs_error = err
     return enc
 

@@ -7,11 +7,12 @@ Core ML package) only consume it. Tensor names are Hugging Face names
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
+
+from edgert.quant import QuantTensor, worse_error  # noqa: F401 (re-exported)
 
 # Mapping classes, reported per tensor.
 EXACT = "exact"  # dequantizes to exactly the source's reference dequantization
@@ -19,33 +20,6 @@ WIDENED = "widened"  # lossless, but stored with more bits than the source
 F32_SCALES_EXACT = "f32-scales exact"  # exact only with float32 scales (K-quants)
 REQUANTIZED = "requantized"  # lossy; max_abs_error says how much
 FLOAT = "float"  # a float tensor carried over (possibly cast)
-
-
-def worse_error(a: float, b: float) -> float:
-    """The larger of two max-abs errors, NaN (an overflow) winning: max() would drop it."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
-@dataclass
-class QuantTensor:
-    """MLX affine quantization: w[r, j] = scales[r, j // group] * q[r, j] + biases[r, j // group]."""
-
-    w_q: np.ndarray  # (rows, cols * bits // 32) uint32, each row a little-endian bitstream
-    scales: np.ndarray  # (rows, cols // group_size) float16 / float32
-    biases: np.ndarray | None  # (rows, cols // group_size) as scales; None in mode "mxfp4"
-    bits: int
-    group_size: int
-    mode: str = "affine"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        rows, words = self.w_q.shape
-        return rows, words * 32 // self.bits
-
-    @property
-    def nbytes(self) -> int:
-        biases = 0 if self.biases is None else self.biases.nbytes
-        return self.w_q.nbytes + self.scales.nbytes + biases
 
 
 @dataclass

@@ -47,16 +47,13 @@ from typing import Callable
 import numpy as np
 
 from edgert.bitpack import unpack_rows
+from edgert.coreml_manifest import (FUNCTIONS, MANIFEST_AUTHOR, MANIFEST_FORMAT,  # noqa: F401
+                                     MANIFEST_VERSION, STATES, manifest_path)
 from edgert.errors import EdgertError, UnsupportedError
 
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
 
-MANIFEST_FORMAT = "edgert-coreml"
-MANIFEST_VERSION = 1
-MANIFEST_AUTHOR = "com.edgert"  # package items live in <pkg>/Data/com.edgert/
 MASK_VALUE = -1e4  # additive mask value; finite so fp16 softmax never sees -inf - -inf
-FUNCTIONS = ("prefill", "decode")
-STATES = ("key_cache", "value_cache")
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 TARGETS = ("iOS18", "iOS26")
 DEFAULT_CONTEXT = 2048
@@ -288,7 +285,7 @@ def encode_quant(t: QuantTensor, target: str = "iOS18") -> Encoded:
 
 def decompress(enc: Encoded) -> np.ndarray:
     """The fp16 weight Core ML materialises (the interpreter's kernels, on the raw arrays)."""
-    from .mil_interpreter import lut_to_dense, shift_scale
+    from edgert.mil_interpreter import lut_to_dense, shift_scale
 
     a = enc.arrays
     if enc.kind == "fp16":
@@ -812,17 +809,10 @@ def convert_to_coreml(src: Path, out: Path, *, context: int | None = None,
                         progress=progress)
 
 
-def manifest_path(pkg: Path) -> Path:
-    """Where write_coreml puts the manifest inside a package (tokenizer/ lies next to it).
-    Not at the package root: there, `manifest.json` and Core ML's own `Manifest.json`
-    collide on case-insensitive file systems (macOS default)."""
-    return Path(pkg) / "Data" / MANIFEST_AUTHOR / "manifest.json"
-
-
 def _tensor_report(pkg: Path, weights: dict[str, Encoded], records: dict) -> tuple[dict, dict]:
     """Per-tensor report with bits per weight measured in the package's weight.bin;
     `records` holds each tensor's provenance (source_name, source_type, source_class, note)."""
-    from .mil_interpreter import weight_blob_bytes
+    from edgert.mil_interpreter import weight_blob_bytes
 
     blob = weight_blob_bytes(pkg, function="decode")  # op name -> bytes of its blob inputs
     tensors, counts = {}, {}

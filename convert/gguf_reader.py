@@ -404,7 +404,7 @@ def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
         m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
         if m.mapping not in (EXACT, WIDENED, F32_SCALES_EXACT):
             raise ValueError(f"{t.name}: no reference dequantization for {t.tensor_type.name}")
-        from .hf_reader import dequantize
+        from edgert.quant import dequantize
 
         w = dequantize(m.value) if isinstance(m.value, QuantTensor) else np.float32(m.value)
     return unpermute_rows(w, n_head) if n_head else w
@@ -413,7 +413,7 @@ def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
 def _requantized(record: TensorRecord, want: dict, scale_dtype: str) -> TensorRecord:
     """`record` re-quantized from the source's reference dequantization as `want` asks
     ({"bits", "group_size"}; bits 0 keeps float32)."""
-    from .hf_reader import DEFAULT_BITS, DEFAULT_GROUP, quantize_float
+    from edgert.quant import DEFAULT_BITS, DEFAULT_GROUP, quantize_float
 
     ref = record.reference_value()
     bits = DEFAULT_BITS if want.get("bits") is None else want["bits"]

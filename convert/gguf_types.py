@@ -497,7 +497,7 @@ def dequantize_requantize(data: np.ndarray, qtype: QType, shape: tuple[int, int]
     `bits` / `group_size`; class "requantized" with the measured max abs error."""
     import gguf.quants
 
-    from .hf_reader import quantize_float
+    from edgert.quant import quantize_float
 
     try:
         ref = gguf.quants.dequantize(data, qtype)  # (rows, cols) float32

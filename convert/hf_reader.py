@@ -29,17 +29,16 @@ import numpy as np
 
 from edgert.errors import EdgertError, UnsupportedError
 
+from edgert.bitpack import pack_rows, unpack_rows  # noqa: F401 (tests import them from here)
+from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # noqa: F401
+                          SCALE_DTYPES, QuantTensor, dequantize, mx_dequantize, quantize_float)
+
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
-                        QuantTensor, TensorRecord, worse_error)
-from edgert.bitpack import pack_rows, unpack_rows
+                        TensorRecord)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
-MLX_BITS = (1, 2, 3, 4, 5, 6, 8)
-MLX_GROUPS = (128, 64, 32)  # largest first: the group a source group is split into
-DEFAULT_BITS, DEFAULT_GROUP = 4, 64  # mlx-lm's defaults
-ROW_BLOCK = 4096  # rows quantized at a time, to bound the float32 working copy
 
 # ------------------------------------------------------------------ safetensors, memory-mapped
 
@@ -91,55 +90,6 @@ def safetensors_index(folder: Path) -> dict[str, TensorRef]:
     return dict(sorted(refs.items()))
 
 
-# ------------------------------------------------------------------ bit packing (MLX's layout)
-
-
-# ------------------------------------------------------------------ MLX affine quantization
-
-_SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def _dequantize(t: QuantTensor) -> mx.array:
-    return mx.dequantize(mx.array(t.w_q), mx.array(t.scales).astype(mx.float32),
-                         mx.array(t.biases).astype(mx.float32), group_size=t.group_size,
-                         bits=t.bits, mode=t.mode)
-
-
-def dequantize(t: QuantTensor) -> np.ndarray:
-    """(rows, cols) float32: scales * q + biases, computed in float32."""
-    return np.array(_dequantize(t))
-
-
-def quantize_float(w: np.ndarray, bits: int, group_size: int,
-                   scale_dtype: str = "float16") -> tuple[QuantTensor, float]:
-    """A float (rows, cols) matrix -> MLX affine `bits` / `group_size` (mx.quantize: min-max
-    per group, zero on the grid) and its max abs error against `w`, measured on the CPU with
-    the stored scales (NaN if anything overflowed). ROW_BLOCK rows at a time, so only one
-    block is ever in float32. Scales or biases beyond float16 keep the whole tensor in
-    float32 (the same tensor in one dtype)."""
-    np_dt = _SCALE_DTYPES[scale_dtype]
-    parts = []
-    with mx.stream(mx.cpu):
-        for lo in range(0, w.shape[0], ROW_BLOCK):
-            x = mx.array(np.asarray(w[lo:lo + ROW_BLOCK], dtype=np.float32))
-            q, s, b = mx.quantize(x, group_size=group_size, bits=bits)
-            parts.append((np.array(q), np.array(s), np.array(b)))
-        if np_dt == np.float16:
-            with np.errstate(over="ignore"):
-                fits = all(np.isfinite(p[i].astype(np.float16)).all() for p in parts
-                           for i in (1, 2))
-            np_dt = np.float16 if fits else np.float32
-        err = 0.0
-        for lo, (q, s, b) in zip(range(0, w.shape[0], ROW_BLOCK), parts):
-            x = mx.array(np.asarray(w[lo:lo + ROW_BLOCK], dtype=np.float32))
-            d = mx.dequantize(mx.array(q), mx.array(s.astype(np_dt).astype(np.float32)),
-                              mx.array(b.astype(np_dt).astype(np.float32)),
-                              group_size=group_size, bits=bits)
-            err = worse_error(err, mx.abs(d - x).max().item())
-    w_q, s, b = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return QuantTensor(w_q, s.astype(np_dt), b.astype(np_dt), bits, group_size), err
-
-
 @dataclass
 class ZeroPointWeight:
     """The GPTQ / AWQ reference: w[r, j] = scales[r, g_idx[j]] * (q[r, j] - zeros[r, g_idx[j]])."""
@@ -176,7 +126,7 @@ class ZeroPointWeight:
         qz = mx.array(q).reshape(rows, n_groups, group_size).astype(mx.int32)
         qz = (qz - mx.array(self.zeros)[..., None]).astype(mx.float32)
         ref = mx.array(self.scales).astype(mx.float32)[..., None] * qz
-        err = mx.abs(_dequantize(t) - ref.reshape(q.shape)).max().item()
+        err = mx.abs(mx_dequantize(t) - ref.reshape(q.shape)).max().item()
         return t, (mapping if err == 0 else REQUANTIZED), err
 
 
@@ -460,8 +410,8 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EdgertError(f"{path} is not a Hugging Face model folder (no config.json)")
-    if scale_dtype not in _SCALE_DTYPES:
-        raise EdgertError(f"scale_dtype must be one of {list(_SCALE_DTYPES)}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise EdgertError(f"scale_dtype must be one of {list(SCALE_DTYPES)}")
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .coreml_manifest import manifest_path, read_manifest  # noqa: F401 (re-exported)
 from .errors import EdgertError, UnsupportedError
 
 BACKENDS = ("auto", "coremltools", "interpreter")
@@ -36,40 +37,18 @@ def coreml_runtime_available() -> bool:
         return False
 
 
-def read_manifest(pkg: Path) -> dict:
-    """The edgert manifest of a `.mlpackage` (Data/com.edgert/manifest.json)."""
-    from .convert.coreml_writer import MANIFEST_FORMAT, MANIFEST_VERSION, manifest_path
-
-    pkg = Path(pkg)
-    if not pkg.is_dir():
-        raise EdgertError(f"{pkg}: no such Core ML package (expected a .mlpackage folder)")
-    path = manifest_path(pkg)
-    if not path.is_file():
-        raise EdgertError(f"{pkg}: not an edgert Core ML package (no {path.relative_to(pkg)})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgertError(f"{path}: invalid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise EdgertError(f"{path}: format {manifest.get('format')!r}, not {MANIFEST_FORMAT!r}")
-    if manifest.get("format_version", 0) > MANIFEST_VERSION:
-        raise UnsupportedError(f"{pkg}: manifest version {manifest['format_version']} is newer "
-                               f"than this edgert reads ({MANIFEST_VERSION})")
-    return manifest
-
-
 # ---------------------------------------------------------------------------------------------
 # Runners: predict(function, inputs, state) -> logits, and make_state()
 # ---------------------------------------------------------------------------------------------
 
 
 class InterpreterRunner:
-    """The numpy MIL interpreter (edgert.convert.mil_interpreter)."""
+    """The numpy MIL interpreter (edgert.mil_interpreter)."""
 
     name = "interpreter"
 
     def __init__(self, pkg: Path):
-        from .convert.mil_interpreter import InterpreterSession
+        from .mil_interpreter import InterpreterSession
 
         self.session = InterpreterSession(pkg)
 
@@ -186,7 +165,6 @@ class CoreMLModel:
 
 def load_tokenizer_from_package(pkg: Path, manifest: dict):
     """The tokenizer stored in the package, with the manifest's BOS and stop tokens."""
-    from .convert.coreml_writer import manifest_path
     from .tokenizer import load_tokenizer
 
     folder = manifest_path(pkg).parent

@@ -11,6 +11,8 @@
 set -euo pipefail
 
 PY=${PY:-python3}
+# cmake comes from PyPI (the test extras) into the same environment as $PY.
+export PATH="$(dirname "$PY"):$PATH"
 PIP=${PIP:-"$PY -m pip"}
 LCP=0.3.36
 D=${EDGERT_TEST_DATA:-$HOME/.cache/edgert-test-data}

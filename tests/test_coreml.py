@@ -19,7 +19,7 @@ from edgert.convert.canonical import EXACT, CanonicalModel, QuantTensor, TensorR
 from edgert.bitpack import unpack_rows
 from edgert.convert.coreml_writer import (MASK_VALUE, dequantize, decompress, encode_quant,
                                           manifest_path, write_coreml)
-from edgert.convert.mil_interpreter import (InterpreterSession, count_ops, load_package,
+from edgert.mil_interpreter import (InterpreterSession, count_ops, load_package,
                                             state_update_violations, weight_blob_bytes)
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.models import get_classes

@@ -1,0 +1,45 @@
+"""The contract between a Core ML package and what runs it (edgert's Core ML engine, the Swift
+bridge): where the manifest lives inside a `.mlpackage`, its format name and version, the
+function and state names. The writer (edgert.convert.coreml_writer) produces it; the runtime
+only reads it through `read_manifest`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import EdgertError, UnsupportedError
+
+MANIFEST_FORMAT = "edgert-coreml"
+MANIFEST_VERSION = 1
+MANIFEST_AUTHOR = "com.edgert"  # package items live in <pkg>/Data/com.edgert/
+FUNCTIONS = ("prefill", "decode")
+STATES = ("key_cache", "value_cache")
+
+
+def manifest_path(pkg: Path) -> Path:
+    """Where the manifest sits inside a package (tokenizer/ lies next to it). Not at the
+    package root: there, `manifest.json` and Core ML's own `Manifest.json` collide on
+    case-insensitive file systems (macOS default)."""
+    return Path(pkg) / "Data" / MANIFEST_AUTHOR / "manifest.json"
+
+
+def read_manifest(pkg: Path) -> dict:
+    """The edgert manifest of a `.mlpackage` (Data/com.edgert/manifest.json)."""
+    pkg = Path(pkg)
+    if not pkg.is_dir():
+        raise EdgertError(f"{pkg}: no such Core ML package (expected a .mlpackage folder)")
+    path = manifest_path(pkg)
+    if not path.is_file():
+        raise EdgertError(f"{pkg}: not an edgert Core ML package (no {path.relative_to(pkg)})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgertError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise EdgertError(f"{path}: format {got!r}, not {MANIFEST_FORMAT!r}")
+    if manifest.get("format_version", 0) > MANIFEST_VERSION:
+        raise UnsupportedError(f"{pkg}: manifest version {manifest['format_version']} is newer "
+                               f"than this edgert reads ({MANIFEST_VERSION})")
+    return manifest

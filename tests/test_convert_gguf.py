@@ -487,7 +487,7 @@ def test_unknown_tensor_name(tmp_path):
     src = tmp_path / "extra.gguf"
     w = gguf.GGUFWriter(src, "llama")
     for key, value in {"block_count": 1, "embedding_length": 32, "feed_forward_length": 32,
-                       "attention.head_count": 2}.items():
+                       "attention.head_count": 2, "vocab_size": 4}.items():
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_tensor("blk.0.attn_weird.weight", np.zeros((4, 32), np.float32))

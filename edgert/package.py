@@ -102,9 +102,9 @@ def load_model(path: str | Path, lazy: bool = False,
     bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
-    model_cls, args_cls = get_classes(config.get("model_type", "<missing>"))
     weights = load_weights(path)  # lazy: headers only until evaluated
     check_package(path, config, weights)
+    model_cls, args_cls = get_classes(config["model_type"])
     try:
         args = args_cls.from_dict(config)
     except TypeError as e:

@@ -135,6 +135,8 @@ def check_config(config: Mapping, shapes: Mapping[str, tuple] | None = None) -> 
         raise EdgertError(f"config is a {type(config).__name__}, not an object")
     if isinstance(config.get("text_config"), Mapping):  # multimodal wrappers keep it nested
         config = {**config, **config["text_config"]}
+    if not isinstance(config.get("model_type"), str):
+        raise EdgertError(f"config model_type = {config.get('model_type')!r}: a name is required")
     counts = _counts(config)
     _check_rope(config)
     if shapes is not None:
@@ -144,7 +146,7 @@ def check_config(config: Mapping, shapes: Mapping[str, tuple] | None = None) -> 
 
 def _check_layout(entry: Mapping, where: str, default_mode: str = "affine") -> None:
     mode = entry.get("mode", default_mode)
-    if mode not in QUANT_MODES:
+    if not isinstance(mode, str) or mode not in QUANT_MODES:
         raise EdgertError(f"quantization{where}: mode {mode!r} (supported: "
                           f"{', '.join(QUANT_MODES)})")
     bits, groups = QUANT_MODES[mode]

@@ -47,6 +47,14 @@ def sampling_kwargs(kw: dict) -> dict:
     return {k: kw[k] for k in keys}
 
 
+def quiet_coremltools() -> None:
+    """coremltools logs a dozen warnings when imported on Linux (no Core ML framework, an
+    untested torch): keep stderr to edgert's own line. Its errors still show."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
 def load_with_status(model: str | None, engine: str | None = None):
     """(model, tokenizer) for `engine` "mlx" or "coreml" (default: coreml for a .mlpackage)."""
     from rich.console import Console
@@ -59,6 +67,8 @@ def load_with_status(model: str | None, engine: str | None = None):
                 raise EdgertError("--engine coreml needs a .mlpackage (make one with "
                                   "`edgert convert SRC --to coreml -o Model.mlpackage`)")
             from .coreml_engine import load_coreml
+
+            quiet_coremltools()
 
             return load_coreml(model)
         from .package import load
@@ -82,6 +92,8 @@ def coreml_export(f):
             return f(**kw)
         from .convert.api import progress_bar
         from .convert.coreml_writer import convert_to_coreml
+
+        quiet_coremltools()
 
         options = {k: kw[k] for k in ("overrides", "requantize", "scale_dtype") if k in kw}
         for k in ("bits", "group_size"):
@@ -327,8 +339,11 @@ def main(argv=None):
         name = signals.signal.Signals(signum).name
         click.echo("interrupted" if signum == 2 else f"terminated ({name})", err=True)
         sys.exit(128 + signum)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # usage errors too: one line, with where to look
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see {e.ctx.command_path} --help)"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(e.exit_code)
     except EdgertError as e:
         if Context.debug:

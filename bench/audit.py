@@ -475,8 +475,16 @@ def disk_cases(work: Path, smollm_gguf: Path, tiny: Path) -> list[Case]:
     return cases
 
 
-def signal_cases(work: Path, smollm_gguf: Path, tiny: Path) -> list[Case]:
+def signal_cases(work: Path, smollm_gguf: Path, tiny: Path, smollm: Path) -> list[Case]:
     cases = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        name = signal.Signals(sig).name
+        cases.append(Case("signal", f"generate, {name} while generating",
+                          ["generate", smollm, "-p", "Tell me a long story.", "-n", "5000"],
+                          signal_after=(sig, 8.0)))
+        if sig != signal.SIGINT:  # Ctrl-C at chat's prompt is its way out (exit 0)
+            cases.append(Case("signal", f"chat, {name} at the prompt", ["chat", smollm],
+                              signal_after=(sig, 8.0)))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         for delay in (0.0, 0.5):
             name = f"{signal.Signals(sig).name} +{delay}s"
@@ -541,7 +549,7 @@ def main() -> None:
         tiny_gguf(tiny, layers=1)
         cases = (gguf_cases(work) + hf_cases(work) + package_cases(work, smollm)
                  + coreml_cases(work) + cli_cases(work, smollm, tiny)
-                 + disk_cases(work, smollm_gguf, tiny) + signal_cases(work, smollm_gguf, tiny)
+                 + disk_cases(work, smollm_gguf, tiny) + signal_cases(work, smollm_gguf, tiny, smollm)
                  + fuzz_cases(work, args.fuzz))
         if args.only:
             cases = [c for c in cases if args.only in f"{c.group} {c.name}"]

@@ -779,7 +779,12 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     try:
         t_convert = time.time()
         pkg = work / out.name
-        convert_multifunction(arch, weights, context, target, progress).save(str(pkg))
+        program = convert_multifunction(arch, weights, context, target, progress)
+        try:
+            program.save(str(pkg))
+        except RuntimeError as e:  # coremltools' MIL file writer: a full disk, for one
+            raise EdgertError(f"{out}: writing the Core ML package failed ({e}; is the disk "
+                              "full?); nothing was left behind") from None
         t_convert = time.time() - t_convert
 
         if progress:

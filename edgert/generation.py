@@ -11,6 +11,7 @@ import mlx.core as mx
 from .errors import EdgertError
 from .models.cache import KVCache, PositionedKV, make_cache
 from .sample import make_logits_processors, make_sampler
+from .signals import raise_pending
 
 
 def context_length(model) -> int | None:
@@ -95,6 +96,7 @@ def generate_step(
         if n + 1 < max_tokens:
             next_y, next_logprobs = step(y)
             mx.async_eval(next_y, next_logprobs)
+        raise_pending()  # a signal swallowed somewhere (a __del__) still stops generation
         yield y.item(), logprobs
         n += 1
         if n < max_tokens:

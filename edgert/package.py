@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from .errors import EdgertError
 from .models import get_classes
-from .validate import check_config, check_quantization, summarize
+from .validate import check_config, check_memory, check_quantization, summarize
 
 
 def read_config(path: Path) -> dict:
@@ -49,6 +49,7 @@ def check_package(path: Path, config: dict, weights: dict[str, mx.array]) -> Non
             check_quantization(quantization)
     except EdgertError as e:
         raise EdgertError(f"{path / 'config.json'}: {e}") from None
+    check_memory(sum(v.nbytes for v in weights.values()), f"the weights of {path}")
     if quantization is None and (scales := [k for k in weights if k.endswith(".scales")]):
         raise EdgertError(f"{path / 'config.json'}: no quantization block, but {len(scales)} "
                           f"tensors are quantized ({summarize(scales)})")

@@ -7,6 +7,7 @@ committed, and the interrupted command still exits 128 + signal number leaving n
 from __future__ import annotations
 
 import signal
+import sys
 
 POLICY = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _pending: int | None = None
@@ -32,9 +33,25 @@ def install() -> None:
     nohup does for SIGHUP, stays ignored) and forget any earlier pending one."""
     global _pending
     _pending = None
+    if sys.unraisablehook is not _unraisable:
+        _unraisable.default = sys.unraisablehook
+        sys.unraisablehook = _unraisable
     for sig in POLICY:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _handler)
+
+
+def _unraisable(info) -> None:
+    """A signal that lands in a __del__ or a callback cannot propagate from there; it stays
+    pending (raised again by `raise_pending`) instead of printing a traceback."""
+    if not isinstance(info.exc_value, Interrupted):
+        _unraisable.default(info)
+
+
+def stop_requested(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt asks the process to end (SIGTERM, SIGHUP) rather than a
+    Ctrl-C that an interactive loop may take as "stop this reply"."""
+    return getattr(e, "signum", signal.SIGINT) != signal.SIGINT
 
 
 def pending() -> int | None:

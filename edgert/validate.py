@@ -11,6 +11,7 @@ EdgertError line naming the field; nothing per architecture lives here.
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Mapping
 
@@ -142,6 +143,22 @@ def check_config(config: Mapping, shapes: Mapping[str, tuple] | None = None) -> 
     if shapes is not None:
         _check_shapes(counts, shapes)
     return counts
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse to allocate `nbytes` for `what` when the machine has less RAM than that."""
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise EdgertError(f"{what} need {nbytes / 2**30:.1f} GiB, more than this machine's "
+                          f"{total / 2**30:.1f} GiB of memory")
 
 
 def _check_layout(entry: Mapping, where: str, default_mode: str = "affine") -> None:

@@ -401,3 +401,38 @@ def test_sampling_options_out_of_range(tmp_path, option, value, word):
     p = run("generate", str(tmp_path / "never-loaded"), "-p", "hi", option, value,
             env_home=tmp_path)
     assert_one_line_error(p, word, value)
+
+
+def test_weights_beyond_the_machines_memory(tiny_pkg, monkeypatch):
+    import edgert.validate
+
+    monkeypatch.setattr(edgert.validate, "physical_memory", lambda: 1000)
+    refused(lambda: load_model(tiny_pkg), "the weights of", "more than this machine's")
+
+
+def test_sigterm_ends_chat_while_ctrl_c_only_stops_a_reply():
+    from edgert.signals import Interrupted, stop_requested
+
+    assert stop_requested(Interrupted(signal.SIGTERM)) and stop_requested(
+        Interrupted(signal.SIGHUP))
+    assert not stop_requested(KeyboardInterrupt()) and not stop_requested(
+        Interrupted(signal.SIGINT))
+
+
+def test_signal_in_a_destructor_stays_pending(signal_policy, capfd):
+    """A signal landing in __del__ cannot propagate there: no traceback is printed, and the
+    next raise_pending (each generated token, each writer's commit) raises it."""
+    import gc
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+    x = Finalized()
+    del x
+    gc.collect()
+    assert signals.pending() == signal.SIGTERM
+    assert "Traceback" not in capfd.readouterr().err
+    with pytest.raises(signals.Interrupted):
+        signals.raise_pending()

@@ -4,8 +4,7 @@ Llama-shaped attention with q/k RMSNorm, a norm before and after both the attent
 GELU-tanh MLP, embeddings scaled by sqrt(hidden_size), RMSNorm weights stored as w with
 (1 + w) applied, and sliding-window layers (own rope base) interleaved with global ones.
 
-The KV cache of a sliding layer is a full cache with a windowed mask: correct, and trimmable
-for chat turns, but it does not save the memory a rotating window cache would.
+Sliding layers get a RotatingKVCache (only the window is kept); global layers a KVCache.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import mlx.nn as nn
 
 from ..errors import UnsupportedError
 from .base import BaseModelArgs, attention, causal_mask, embed
+from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -159,20 +159,27 @@ class Gemma3Model(nn.Module):
         h = h * mx.array(self.args.hidden_size**0.5, dtype)  # the scale rounded to `dtype`, as HF
         if cache is None:
             cache = [None] * len(self.layers)
-        masks = self.masks(h.shape[1], cache[0])
+        masks = self.masks(h.shape[1], cache)
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.layer_type], c)
         return self.norm(h)
 
-    def masks(self, L: int, cache) -> dict:
-        """Boolean (L, S) masks per layer type for L new positions (None: attend to all)."""
+    def masks(self, L: int, caches: list) -> dict:
+        """Boolean (L, S) masks per layer type for L new positions (None: attend to all): full
+        layers' from the first full cache, sliding layers' from the first rotating cache where
+        they have one (make_cache), else the full mask narrowed to the window."""
+        cache = next((c for c, layer in zip(caches, self.layers) if layer.layer_type == FULL),
+                     caches[0])
+        rotating = first_of(caches, RotatingKVCache)
         offset = cache.offset if cache is not None else 0  # an array in a compiled step
         if hasattr(cache, "make_mask"):  # the cache knows its layout (see cache.PositionedKV)
             full = cache.make_mask(L)
         else:
             full = causal_mask(L, offset) if L > 1 else None
         masks = {FULL: full}
-        if (window := self.args.sliding_window) is not None:
+        if rotating is not None:
+            masks[SLIDING] = rotating.make_mask(L)
+        elif (window := self.args.sliding_window) is not None:
             if full is None and offset < window:
                 masks[SLIDING] = None
             else:  # keys within `window` of their query, on top of the causal mask
@@ -214,6 +221,12 @@ class Model(nn.Module):
         if cap := self.args.final_logit_softcapping:
             logits = mx.tanh(logits / cap) * cap
         return logits
+
+    def make_cache(self) -> list:
+        """Sliding layers keep only their window (RotatingKVCache); global layers a KVCache."""
+        window = self.args.sliding_window
+        return [RotatingKVCache(window) if layer.layer_type == SLIDING and window else KVCache()
+                for layer in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:

@@ -769,12 +769,13 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     try:
         t_convert = time.time()
         pkg = work / out.name
-        program = convert_multifunction(arch, weights, context, target, progress)
-        try:
-            program.save(str(pkg))
-        except RuntimeError as e:  # coremltools' MIL file writer: a full disk, for one
-            raise EdgertError(f"{out}: writing the Core ML package failed ({e}; is the disk "
-                              "full?); nothing was left behind") from None
+        try:  # coremltools writes weight.bin while converting, then the package
+            convert_multifunction(arch, weights, context, target, progress).save(str(pkg))
+        except RuntimeError as e:
+            if "writ" not in str(e).lower():  # not its file writer: a real failure
+                raise
+            raise EdgertError(f"{out}: writing the Core ML package failed ({e} Is the disk "
+                              "full?); nothing was left behind") from e
         t_convert = time.time() - t_convert
 
         if progress:

@@ -228,8 +228,8 @@ public struct StreamingDetokenizer: Detokenizer {
     }
 }
 
-/// Python's `str.replace(pattern, replacement)` over a stream: holds back fewer than
-/// `pattern.count` characters, the ones that could still start a match.
+/// Python's `str.replace(pattern, replacement)` over a stream: holds back only a tail that
+/// could still start a match (fewer than `pattern.count` characters).
 struct StreamingReplace {
     let pattern: Scalars
     let replacement: Scalars
@@ -254,12 +254,12 @@ struct StreamingReplace {
                 i += 1
             }
         }
-        if final {
-            out += buffer[i...]
-            buffer = []
-        } else {
-            buffer.removeFirst(i)
+        // what is left is shorter than the pattern: keep only a tail that could start it
+        while i < buffer.count && !(final ? false : pattern.starts(with: buffer[i...])) {
+            out.append(buffer[i])
+            i += 1
         }
+        buffer.removeFirst(i)
         return out
     }
 }

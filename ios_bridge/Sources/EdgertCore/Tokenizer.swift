@@ -53,7 +53,10 @@ public final class BPETokenizer: Tokenizer {
     public let bosTokenId: Int?
     /// tokenizer_config.json `add_bos_token`, and a BOS token exists.
     public let addBosToken: Bool
-    /// tokenizer_config.json `clean_up_tokenization_spaces` (transformers' " ." -> "." rules).
+    /// transformers' " ." -> "." cleanup after decoding. As transformers 5 does for BPE
+    /// tokenizers, only where tokenizer_config.json asks for it with both
+    /// `clean_up_tokenization_spaces` and
+    /// `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output`.
     public let cleanUpTokenizationSpaces: Bool
 
     /// Read `tokenizer.json` and, when given, `tokenizer_config.json`.
@@ -115,7 +118,9 @@ public final class BPETokenizer: Tokenizer {
         bosToken = tokenName(config["bos_token"])
         bosTokenId = bosToken.flatMap(id(of:))
         addBosToken = (config["add_bos_token"]?.bool ?? false) && bosTokenId != nil
-        cleanUpTokenizationSpaces = config["clean_up_tokenization_spaces"]?.bool ?? false
+        cleanUpTokenizationSpaces = (config["clean_up_tokenization_spaces"]?.bool ?? false)
+            && (config["clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"]?
+                .bool ?? false)
     }
 
     static func template(_ json: JSON?) throws -> ([Int], [Int]) {

@@ -91,3 +91,24 @@ final class ManifestTests: XCTestCase {
                        "9 tokens do not fit the package's context of 8")
     }
 }
+
+final class PackageFilesTests: XCTestCase {
+    /// What EdgertPackage.load reads before Core ML: the manifest and tokenizer of a .mlpackage.
+    func testPackageFilesReadTheExport() throws {
+        let files = try PackageFiles(package: Fixture.url("EDGERT_TEST_PACKAGE"))
+        XCTAssertEqual(files.manifest.vocabSize, 49152)
+        XCTAssertFalse(files.manifestData.isEmpty)
+        let tokenizer = try files.tokenizer()
+        XCTAssertEqual(tokenizer.encode("<|im_start|>hi<|im_end|>"), [1, 6004, 2])
+        XCTAssertThrowsError(try PackageFiles(package: URL(fileURLWithPath: "/nonexistent.mlpackage")))
+    }
+
+    func testHalfFloatBits() {
+        XCTAssertEqual(HalfFloat.bits(0), 0x0000)
+        XCTAssertEqual(HalfFloat.bits(1), 0x3C00)
+        XCTAssertEqual(HalfFloat.bits(-2), 0xC000)
+        XCTAssertEqual(HalfFloat.bits(-1e4), 0xF0E2)  // the mask value
+        XCTAssertEqual(HalfFloat.bits(1e6), 0x7C00)
+        XCTAssertEqual(HalfFloat.bits(1e-9), 0x0000)
+    }
+}

@@ -23,6 +23,8 @@ let package = Package(
         .target(name: "EdgertBridge", dependencies: ["EdgertCore"], path: "Sources/EdgertBridge"),
         .testTarget(name: "EdgertCoreTests", dependencies: ["EdgertCore"],
                     path: "Tests/EdgertCoreTests"),
+        .testTarget(name: "EdgertBridgeTests", dependencies: ["EdgertBridge"],
+                    path: "Tests/EdgertBridgeTests"),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -344,18 +344,18 @@ def test_swift_test_passes(package, generation, tokenizers, chat):
 
 
 def test_core_ml_target_typechecks_against_the_api_it_uses():
-    """The Core ML target cannot be built here (no CoreML); it is compiled against stubs of
-    the Core ML / CryptoKit signatures it calls (tests/swift_stubs, bodies empty), in Swift 6
-    mode, which catches type and concurrency errors. Whether Apple's SDK agrees is for a Mac
+    """The Core ML target and its Mac-only test cannot be built here (no CoreML); they are
+    compiled against stubs of the Core ML / CryptoKit signatures they call (tests/swift_stubs,
+    bodies empty), in Swift 6 mode, which catches type and concurrency errors. Whether Apple's SDK agrees is for a Mac
     (docs/coreml-on-a-mac.md); tree-sitter also parses the sources (tests/test_coreml.py)."""
     swift = shutil.which("swift")
     if swift is None:
         pytest.fail("swift is not on PATH: the iOS bridge's tests need the Swift toolchain")
     root = SWIFT_ROOT / ".build" / "stubcheck"  # kept between runs, like the package's build
     stubs = Path(__file__).parent / "swift_stubs"
-    for name in ("EdgertCore", "EdgertBridge"):
-        shutil.rmtree(root / "Sources" / name, ignore_errors=True)
-        shutil.copytree(SWIFT_ROOT / "Sources" / name, root / "Sources" / name)
+    for part in ("Sources/EdgertCore", "Sources/EdgertBridge", "Tests/EdgertBridgeTests"):
+        shutil.rmtree(root / part, ignore_errors=True)
+        shutil.copytree(SWIFT_ROOT / part, root / part)
     for name in ("CoreML", "CryptoKit"):
         (root / "Sources" / name).mkdir(parents=True, exist_ok=True)
         shutil.copy(stubs / f"{name}.swift", root / "Sources" / name / f"{name}.swift")
@@ -363,11 +363,13 @@ def test_core_ml_target_typechecks_against_the_api_it_uses():
         '// swift-tools-version:6.0\nimport PackageDescription\nlet package = Package(\n'
         '    name: "StubCheck", targets: [.target(name: "CoreML"), .target(name: "CryptoKit"),\n'
         '    .target(name: "EdgertCore"), .target(name: "EdgertBridge",\n'
-        '    dependencies: ["EdgertCore", "CoreML", "CryptoKit"])], swiftLanguageModes: [.v6])\n')
-    run = subprocess.run([swift, "build", "--package-path", str(root)], capture_output=True,
-                         text=True, timeout=1800)
+        '    dependencies: ["EdgertCore", "CoreML", "CryptoKit"]),\n'
+        '    .testTarget(name: "EdgertBridgeTests", dependencies: ["EdgertBridge", "CoreML"])],\n'
+        '    swiftLanguageModes: [.v6])\n')
+    run = subprocess.run([swift, "build", "--build-tests", "--package-path", str(root)],
+                         capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "warning:" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-4000:]
     # the Core ML sources were compiled, not left out by #if canImport(CoreML)
-    objects = list((root / ".build").rglob("CoreMLLanguageModel.swift.o"))
-    assert objects, "CoreMLLanguageModel.swift was not compiled"
+    for source in ("CoreMLLanguageModel", "CoreMLPackageTests"):
+        assert list((root / ".build").rglob(f"{source}.swift.o")), f"{source} not compiled"

@@ -16,11 +16,13 @@ the template refuses or moves (system, in Gemma's) is left out of `roles`.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from edgert.errors import EdgertError
 from edgert.tokenizer import compile_chat_template, render_chat_template
 
 ROLES = ("system", "user", "assistant")
+OTHER_DAY = datetime(1999, 12, 31)  # a date no export runs on: templates that print "today" differ
 MARKS = [f"edgertmark{i}q" for i in range(6)]
 SAMPLE_CONTENTS = ["Hello", "What is 2+2?\nShow the steps.", "ünïcödé 🚀 中文 ok",
                    "{{ not jinja }} {% raw %} <tag> & \"quotes\" 'single'", "a\n\nb\n",
@@ -177,13 +179,17 @@ def reduce_chat_template(template: str | None, special_names: dict) -> dict:
     except EdgertError as e:
         return {"type": "unsupported", "reason": str(e)}
 
-    def render(messages, gen):
-        return render_chat_template(compiled, messages, gen, special_names)
+    def render(messages, gen, **kwargs):
+        return render_chat_template(compiled, messages, gen, special_names, **kwargs)
 
     try:
         fmt = derive(render)
     except Irreducible as e:
         return {"type": "unsupported", "reason": f"the chat template cannot be reduced: {e}"}
+    probe = _messages(("user", "Hi"))
+    if render(probe, True) != render(probe, True, strftime_now=lambda f: OTHER_DAY.strftime(f)):
+        return {"type": "unsupported", "reason": "the chat template writes today's date "
+                                                 "(strftime_now): a reduction would freeze it"}
     samples = sample_conversations(fmt)
     for messages, gen in samples:
         try:

@@ -102,6 +102,8 @@ class CoreMLCache:
     offset back: the causal mask hides every slot at or past it, and the next call
     overwrites them."""
 
+    trimmable = True  # edgert.models.cache.trimmable: chat sessions trim, never snapshot
+
     def __init__(self, state, context: int):
         self.core_state, self.context = state, context
         self.offset = 0

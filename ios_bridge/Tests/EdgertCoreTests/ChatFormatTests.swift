@@ -20,7 +20,8 @@ final class ChatFormatTests: XCTestCase {
     func testRenderingEqualsJinja() throws {
         let entries = try Fixture.decode([Entry].self, Fixture.url("EDGERT_TEST_CHAT"))
         XCTAssertEqual(Set(entries.map(\.name)),
-                       ["package", "llama3", "mistral", "gemma", "conditional", "last_user_differs"])
+                       ["package", "llama3", "mistral", "gemma", "conditional", "last_user_differs",
+                        "dated"])
         var compared = 0
         for entry in entries {
             let fmt = entry.chatFormat

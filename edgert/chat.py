@@ -7,7 +7,7 @@ import signal
 from rich.console import Console
 
 from .generation import stream_generate
-from .models.cache import make_cache
+from .models.cache import make_cache, restore, snapshot, trimmable
 
 HELP = "/reset starts a new conversation, /exit quits; Ctrl-C stops a reply."
 
@@ -22,8 +22,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatSession:
-    """A conversation whose KV cache holds the tokens seen so far; each turn feeds only the
-    tokens after the longest prefix shared with the cache."""
+    """A conversation whose cache holds the tokens seen so far; each turn feeds only the tokens
+    after the longest prefix it can reuse.
+
+    Trimmable caches (all KV) are trimmed back to the prefix shared with the new prompt. Where
+    a layer cannot be trimmed (recurrent, rotating), the session keeps snapshots: one at the
+    end of each prompt it fed, one after each reply, and restores the longest whose tokens are
+    a prefix of the new prompt (a template that rewrites history, e.g. dropping earlier
+    reasoning, still matches the previous prompt's snapshot)."""
+
+    max_snapshots = 4
 
     def __init__(self, model, tokenizer, system: str | None = None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
@@ -32,7 +40,9 @@ class ChatSession:
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = make_cache(self.model)
-        self.cached: list[int] = []
+        self.cached: list[int] = []  # the tokens the cache holds now
+        self.snapshots: list[tuple[list[int], list]] = []  # (tokens, snapshot), newest last
+        self.fed = 0  # tokens fed in the last turn (for tests and stats)
 
     def prompt_ids(self) -> list[int]:
         tok = self.tokenizer
@@ -42,28 +52,60 @@ class ChatSession:
         text = "\n".join(m["content"] for m in self.messages) + "\n"
         return tok.encode(text)
 
+    def _rewind(self, ids: list[int]) -> int:
+        """Put the cache at the longest reusable prefix of `ids` (never all of it: the last
+        token must be fed for logits); returns its length."""
+        if trimmable(self.cache):
+            keep = min(common_prefix(self.cached, ids), len(ids) - 1)
+            for c in self.cache:
+                c.trim(c.offset - keep)
+            self.cached = self.cached[:keep]
+            return keep
+        best = None
+        for tokens, snap in self.snapshots:
+            n = len(tokens)
+            if n < len(ids) and ids[:n] == tokens and (best is None or n > len(best[0])):
+                best = (tokens, snap)
+        if best is None:
+            self.cache = make_cache(self.model)
+            self.cached = []
+            return 0
+        restore(self.cache, best[1])
+        self.cached = list(best[0])
+        return len(best[0])
+
+    def _remember(self, tokens: list[int]) -> None:
+        if trimmable(self.cache) or not tokens:
+            return
+        self.snapshots = [s for s in self.snapshots if s[0] != tokens][-(self.max_snapshots - 1):]
+        self.snapshots.append((list(tokens), snapshot(self.cache)))
+
     def reply(self, user: str, max_tokens: int, sampling: dict):
         """Yield GenerationResponses; the (possibly interrupted) reply joins the history."""
         self.messages.append({"role": "user", "content": user})
         ids = self.prompt_ids()
-        keep = min(common_prefix(self.cached, ids), len(ids) - 1)
-        for c in self.cache:
-            c.trim(c.offset - keep)
+        keep = self._rewind(ids)
+        self.fed = len(ids) - keep
         fed = list(ids)
         text = []
         try:
             for r in stream_generate(self.model, self.tokenizer, ids[keep:], max_tokens,
-                                     prompt_cache=self.cache, **sampling):
+                                     prompt_cache=self.cache,
+                                     on_prefilled=lambda _: self._remember(ids[:-1]),
+                                     **sampling):
                 if r.finish_reason is None or r.finish_reason == "stop":
                     fed.append(r.token)
                 text.append(r.text)
                 yield r
         finally:
             self.messages.append({"role": "assistant", "content": "".join(text)})
-            offset = self.cache[0].offset
-            self.cached = (ids[:keep] + fed[keep:])[:offset]
-            for c in self.cache:  # anything beyond what we can name is dropped
-                c.trim(c.offset - len(self.cached))
+            offset = max(c.offset for c in self.cache)
+            self.cached = fed[:offset]
+            if trimmable(self.cache):  # anything beyond what we can name is dropped
+                for c in self.cache:
+                    c.trim(c.offset - len(self.cached))
+            elif offset == len(self.cached):
+                self._remember(self.cached)
 
 
 def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> None:

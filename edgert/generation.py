@@ -23,13 +23,15 @@ def generate_step(
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
     compiled: bool = True,
+    on_prefilled: Callable[[list], None] | None = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, logprobs over the vocabulary) for each generated token.
 
     The prompt (1-D token ids) is prefilled in chunks of `prefill_step_size` through the KV
     cache; the next step is queued with `mx.async_eval` while the caller handles this one.
     With `compiled`, one-token steps run through `decode_forward` where the model and cache
-    allow it (same tokens and logprobs, bit for bit).
+    allow it (same tokens and logprobs, bit for bit). `on_prefilled(cache)` is called once the
+    cache holds every prompt token but the last (where a chat session takes its snapshot).
     """
     if prompt.size == 0:
         raise EdgertError("empty prompt: nothing to generate from")
@@ -62,6 +64,8 @@ def generate_step(
         model(y[None, :n], cache=cache)
         mx.eval([c.state for c in cache])
         y = y[n:]
+    if on_prefilled is not None:
+        on_prefilled(cache)
 
     y, logprobs = step(y, first=True)
     mx.async_eval(y, logprobs)
@@ -144,6 +148,7 @@ def stream_generate(
     logits_processors=None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
+    on_prefilled: Callable[[list], None] | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding a response per token with the
     newly completed text; stops at any of the tokenizer's stop tokens."""
@@ -165,7 +170,7 @@ def stream_generate(
     for n, (token, logprobs) in enumerate(
         generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler,
                       logits_processors=logits_processors, prompt_cache=prompt_cache,
-                      prefill_step_size=prefill_step_size),
+                      prefill_step_size=prefill_step_size, on_prefilled=on_prefilled),
         start=1,
     ):
         if n == 1:

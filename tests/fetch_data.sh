@@ -24,7 +24,7 @@ src="$dl/llama_cpp_python-$LCP"
 unpack_llama_cpp() {  # the llama-cpp-python source package, kept in $D, unpacked into $src
     local sdist="$D/llama_cpp_python-$LCP.tar.gz"
     if [ ! -e "$sdist" ]; then
-        $PIP download -q --no-deps --no-binary :all: "llama-cpp-python==$LCP" -d "$dl"
+        $PIP download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LCP" -d "$dl"  # build deps as wheels
         mv "$dl/llama_cpp_python-$LCP.tar.gz" "$sdist"
     fi
     [ -d "$src" ] || tar -xzf "$sdist" -C "$dl"

@@ -1,6 +1,24 @@
-"""KV cache, pre-allocated in steps rather than concatenated each token."""
+"""Per-layer caches, in three kinds:
+
+- `KVCache`: full attention; keys and values pre-allocated in steps. Trimmable.
+- `RotatingKVCache`: sliding-window attention; keeps the last `window - 1` positions (plus the
+  new ones during a step). Not trimmable: what fell out of the window is gone.
+- `RecurrentCache`: a fixed-size recurrent state (Gated DeltaNet's conv and delta states).
+  Not trimmable: a state summarises every token it has seen.
+
+Every kind has `offset` (tokens seen), `trimmable`, `trim(n)`, `snapshot()` / `restore(s)` and
+`nbytes`. A snapshot is a value that later updates of the cache cannot change (MLX arrays are
+immutable values; a snapshot holds references, and an update that would write into a shared
+buffer copies it first). What cannot be trimmed is rewound by restoring a snapshot: see
+`snapshot` / `restore` / `trim_or_none` below and edgert.chat.ChatSession.
+
+A model's `make_cache()` says which kind each layer gets; masks come from the first cache of
+each attention kind (`make_mask`), never from `cache[0]` blindly (layer 0 may be recurrent).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import mlx.core as mx
 
@@ -9,6 +27,7 @@ from .base import causal_mask
 
 class KVCache:
     step = 256
+    trimmable = True
 
     def __init__(self):
         self.keys = None  # (B, n_kv, capacity, D)
@@ -55,11 +74,118 @@ class KVCache:
         self.offset -= n
         return n
 
+    def snapshot(self) -> Any:
+        if self.keys is None:
+            return (0, None, None)
+        return (self.offset, self.keys[..., : self.offset, :], self.values[..., : self.offset, :])
+
+    def restore(self, snap) -> None:
+        self.offset, self.keys, self.values = snap
+
     @property
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+
+class RotatingKVCache:
+    """Sliding-window keys and values: after each update only the last `window - 1` positions
+    are kept (what the next query can still see). `start` is the absolute position of the
+    first kept key; masks are built in absolute positions."""
+
+    trimmable = False
+
+    def __init__(self, window: int):
+        if window < 1:
+            raise ValueError(f"sliding window {window} must be at least 1")
+        self.window = window
+        self.keys = None  # (B, n_kv, kept, D), positions start .. offset - 1
+        self.values = None
+        self.offset = 0
+        self.start = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append (B, n_kv, L, D); return the kept positions plus the new ones (what the
+        mask of `make_mask(L)`, taken before this update, describes)."""
+        if self.keys is None:
+            k, v = keys, values
+        else:
+            k = mx.concatenate([self.keys, keys], axis=2)
+            v = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        keep = min(self.window - 1, k.shape[2])
+        self.keys, self.values = k[..., k.shape[2] - keep:, :], v[..., v.shape[2] - keep:, :]
+        self.start = self.offset - keep
+        return k, v
+
+    def make_mask(self, n_new: int):
+        """(n_new, kept + n_new) boolean: causal and within the window, in absolute positions;
+        None where every kept key is visible to the single new query."""
+        kept = 0 if self.keys is None else self.keys.shape[2]
+        if n_new == 1 and kept < self.window:
+            return None
+        q = mx.arange(self.offset, self.offset + n_new)[:, None]
+        k = mx.arange(self.offset - kept, self.offset + n_new)[None, :]
+        return (k <= q) & (k > q - self.window)
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def snapshot(self) -> Any:
+        return (self.offset, self.start, self.keys, self.values)
+
+    def restore(self, snap) -> None:
+        self.offset, self.start, self.keys, self.values = snap
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class RecurrentCache:
+    """A recurrent layer's state: a few arrays replaced (never written into) at every step,
+    e.g. Gated DeltaNet's [conv state (B, K-1, conv_dim), delta state (B, Hv, Dv, Dk)]."""
+
+    trimmable = False
+
+    def __init__(self, n: int = 2):
+        self.arrays: list[mx.array | None] = [None] * n
+        self.offset = 0
+
+    def __getitem__(self, i: int):
+        return self.arrays[i]
+
+    def __setitem__(self, i: int, value: mx.array) -> None:
+        self.arrays[i] = value
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+    def make_mask(self, n_new: int):
+        return None
+
+    @property
+    def state(self):
+        return [a for a in self.arrays if a is not None]
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def snapshot(self) -> Any:
+        return (self.offset, list(self.arrays))
+
+    def restore(self, snap) -> None:
+        self.offset, arrays = snap
+        self.arrays = list(arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays if a is not None)
 
 
 class PositionedKV:
@@ -83,7 +209,33 @@ class PositionedKV:
         return (mx.arange(self.keys.shape[2]) <= self.offset)[None]  # (1, capacity)
 
 
-def make_cache(model) -> list[KVCache]:
+def make_cache(model) -> list:
     if hasattr(model, "make_cache"):
         return model.make_cache()
     return [KVCache() for _ in model.layers]
+
+
+def first_of(cache: list | None, kind: type):
+    """The first cache of `kind` in a model's per-layer list (None if there is none): where
+    attention layers of that kind take their mask from."""
+    if cache is None:
+        return None
+    return next((c for c in cache if isinstance(c, kind)), None)
+
+
+def trimmable(cache: list) -> bool:
+    return all(getattr(c, "trimmable", False) for c in cache)
+
+
+def snapshot(cache: list) -> list:
+    """Every layer's snapshot: `restore(cache, snapshot(cache))` puts the cache back as it is."""
+    return [c.snapshot() for c in cache]
+
+
+def restore(cache: list, snap: list) -> None:
+    for c, s in zip(cache, snap, strict=True):
+        c.restore(s)
+
+
+def cache_nbytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)

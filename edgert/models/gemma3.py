@@ -4,8 +4,7 @@ Llama-shaped attention with q/k RMSNorm, a norm before and after both the attent
 GELU-tanh MLP, embeddings scaled by sqrt(hidden_size), RMSNorm weights stored as w with
 (1 + w) applied, and sliding-window layers (own rope base) interleaved with global ones.
 
-The KV cache of a sliding layer is a full cache with a windowed mask: correct, and trimmable
-for chat turns, but it does not save the memory a rotating window cache would.
+Sliding layers get a RotatingKVCache (only the window is kept); global layers a KVCache.
 """
 
 from __future__ import annotations
@@ -14,12 +13,15 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from ..errors import UnsupportedError
-from .base import BaseModelArgs, attention, causal_mask, embed
+from ..errors import EdgertError, UnsupportedError
+from .base import LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed
+from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+MODEL_TYPES = ("gemma3_text",)
 
 
 @dataclass
@@ -159,20 +161,27 @@ class Gemma3Model(nn.Module):
         h = h * mx.array(self.args.hidden_size**0.5, dtype)  # the scale rounded to `dtype`, as HF
         if cache is None:
             cache = [None] * len(self.layers)
-        masks = self.masks(h.shape[1], cache[0])
+        masks = self.masks(h.shape[1], cache)
         for layer, c in zip(self.layers, cache):
             h = layer(h, masks[layer.layer_type], c)
         return self.norm(h)
 
-    def masks(self, L: int, cache) -> dict:
-        """Boolean (L, S) masks per layer type for L new positions (None: attend to all)."""
+    def masks(self, L: int, caches: list) -> dict:
+        """Boolean (L, S) masks per layer type for L new positions (None: attend to all): full
+        layers' from the first full cache, sliding layers' from the first rotating cache where
+        they have one (make_cache), else the full mask narrowed to the window."""
+        cache = next((c for c, layer in zip(caches, self.layers) if layer.layer_type == FULL),
+                     caches[0])
+        rotating = first_of(caches, RotatingKVCache)
         offset = cache.offset if cache is not None else 0  # an array in a compiled step
         if hasattr(cache, "make_mask"):  # the cache knows its layout (see cache.PositionedKV)
             full = cache.make_mask(L)
         else:
             full = causal_mask(L, offset) if L > 1 else None
         masks = {FULL: full}
-        if (window := self.args.sliding_window) is not None:
+        if rotating is not None:
+            masks[SLIDING] = rotating.make_mask(L)
+        elif (window := self.args.sliding_window) is not None:
             if full is None and offset < window:
                 masks[SLIDING] = None
             else:  # keys within `window` of their query, on top of the causal mask
@@ -215,6 +224,12 @@ class Model(nn.Module):
             logits = mx.tanh(logits / cap) * cap
         return logits
 
+    def make_cache(self) -> list:
+        """Sliding layers keep only their window (RotatingKVCache); global layers a KVCache."""
+        window = self.args.sliding_window
+        return [RotatingKVCache(window) if layer.layer_type == SLIDING and window else KVCache()
+                for layer in self.layers]
+
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
@@ -223,3 +238,50 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp "gemma3")
+
+def gguf_config(meta, config: dict) -> dict:
+    """Gemma 3's own fields, read as llama.cpp reads them (src/models/gemma3.cpp)."""
+    n_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    config = {k: v for k, v in config.items() if k != "hidden_act"}
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers) model
+    config["query_pre_attn_scalar"] = (hidden // config["num_attention_heads"] if n_layers == 62
+                                       else config["head_dim"])
+    # local layers: their own rope base, no rope scaling (llama.cpp's *_swa defaults)
+    config["rope_local_base_freq"] = meta.f32("rope.freq_base_swa", 10000.0)
+    if (cap := meta.f32("final_logit_softcapping")):
+        config["final_logit_softcapping"] = cap
+    window = meta.get("attention.sliding_window")
+    pattern = meta.get("attention.sliding_window_pattern", 6)
+    if not window:
+        sliding, pattern = [False] * n_layers, 1
+    elif isinstance(pattern, list):  # one flag per layer
+        sliding, pattern = [bool(x) for x in pattern], None
+        if len(sliding) != n_layers:
+            raise EdgertError(f"gemma3.attention.sliding_window_pattern has {len(sliding)} "
+                              f"flags for {n_layers} layers")
+    else:  # every n-th layer is global; 0: all slide (llama_hparams::set_swa_pattern)
+        pattern = int(pattern)
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+        pattern = pattern or None
+    config["sliding_window"] = int(window) if window else None
+    if pattern is not None:  # what mlx-lm reads; edgert and transformers read layer_types
+        config["sliding_window_pattern"] = pattern
+    config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    return config
+
+
+def gguf_transform(hf_name: str, value, config: dict):
+    """llama.cpp stores Gemma's RMSNorm weights w as 1 + w (convert_hf_to_gguf.py, Gemma3Model);
+    HF names carry w: subtract 1 in float32, as transformers' GGUF loader does."""
+    if not hf_name.endswith("norm.weight"):
+        return value
+    return np.asarray(value, np.float32) - np.float32(1), "llama.cpp stores 1 + w: 1 subtracted"
+
+
+GGUF = GGUFSpec("gemma3", "Gemma3ForCausalLM", LLAMA_GGUF_TENSORS | {
+    "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm"}, config=gguf_config, transform=gguf_transform)

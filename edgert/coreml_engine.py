@@ -104,8 +104,6 @@ class CoreMLCache:
 
     trimmable = True
 
-    trimmable = True  # edgert.models.cache.trimmable: chat sessions trim, never snapshot
-
     def __init__(self, state, context: int):
         self.core_state, self.context = state, context
         self.offset = 0

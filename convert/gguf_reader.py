@@ -24,6 +24,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
+from edgert.validate import check_config
 
 from .canonical import (EXACT, F32_SCALES_EXACT, REQUANTIZED, WIDENED, CanonicalModel,
                         QuantTensor, TensorRecord, worse_error)
@@ -88,6 +89,7 @@ class _CheckedReader(GGUFReader):
         size = self.data.shape[0]
         starts = sorted(start_offs + int(f.parts[5][0]) for f in fields) + [size]
         own = {}  # field index -> tensor, for type ids that gguf-py reads otherwise or not at all
+        expected = 0  # llama.cpp: each tensor's data follows the previous one, padded
         for i, field in enumerate(fields):
             _, name, _, dims, raw_type, offset = field.parts
             name = bytes(name).decode("utf-8", "replace")
@@ -106,6 +108,11 @@ class _CheckedReader(GGUFReader):
                 raise _Corrupt(f"corrupt GGUF: tensor {name} has rows of {int(dims[0])}, not "
                                f"whole blocks of {block}")
             end = begin + n * type_size // block
+            if int(offset[0]) != expected:
+                raise _Corrupt(f"corrupt GGUF: tensor {name} data starts at offset "
+                               f"{int(offset[0])}, not {expected} (right after the previous "
+                               f"tensor, aligned to {int(self.alignment)} bytes)")
+            expected += -(-(end - begin) // int(self.alignment)) * int(self.alignment)
             if end > size:
                 raise _Corrupt(f"truncated or corrupt GGUF: tensor {name} data (bytes {begin}.."
                                f"{end}) lies beyond the end of the file ({size} bytes)")
@@ -237,7 +244,7 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     spec, m = module.GGUF, GGUFMeta(reader, tensor_names, arch)
     hidden, heads = int(m.need("embedding_length")), int(m.need("attention.head_count"))
     kv_heads = int(m.get("attention.head_count_kv", heads))
-    head_dim = int(m.get("attention.key_length", hidden // heads))
+    head_dim = int(m.get("attention.key_length", hidden // max(heads, 1)))
     vocab = m.get("vocab_size") or len(m.raw("tokenizer.ggml.tokens", []))
     config = {
         "architectures": [spec.hf_class],
@@ -271,6 +278,7 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
                 m.get("rope.scaling.original_context_length", 4096))}
     elif kind not in (None, "none"):
         raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
+    check_config(config, _hf_shapes(reader, config["model_type"]))  # before anything is sized
     return spec.config(m, config) if spec.config else config
 
 
@@ -291,6 +299,12 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     if stem in spec.global_tensors and kind in ("weight", "bias"):
         return f"{spec.global_tensors[stem]}.{kind}"
     return None
+
+
+def _hf_shapes(reader: GGUFReader, model_type: str) -> dict[str, tuple[int, ...]]:
+    """HF name -> numpy-order shape (rows first) of every tensor with an HF counterpart."""
+    return {name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors
+            if (name := hf_name(t.name, model_type))}
 
 
 def hf_value(record: TensorRecord, spec, config: dict) -> TensorRecord:

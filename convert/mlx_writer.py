@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -23,6 +22,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from edgert.errors import EdgertError
+from edgert.paths import sweep_partials, temp_sibling
+from edgert.signals import raise_pending
 
 from .canonical import CanonicalModel, QuantTensor, TensorRecord
 
@@ -127,12 +128,21 @@ def write_mlx_package(model: CanonicalModel, out: Path, *, force: bool = False,
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partials(out.parent)  # what writers killed earlier left behind
+        tmp = temp_sibling(out)
+    except OSError as e:
+        raise EdgertError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
         _write(model, tmp, on_tensor, shard_bytes)
+        raise_pending()  # a signal swallowed on the way still stops the commit
         _move_into_place(tmp, out, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgertError(f"{out}: writing failed ({e.strerror or e}); nothing was "
+                          "left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -210,7 +220,7 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     old = None
     if force and out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = temp_sibling(out, ".old")
         os.replace(out, old / out.name)
     try:
         os.replace(tmp, out)

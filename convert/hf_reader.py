@@ -36,7 +36,8 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         TensorRecord)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "gemma4",
+                 "gemma4_text")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -417,11 +418,14 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     if model_type not in ARCHITECTURES:
         raise UnsupportedError(
             f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    arch = _architecture(model_type)
+    refs = safetensors_index(path)
+    refs, notes = _renamed(refs, arch, config, path)
+    config = getattr(arch, "hf_config", lambda c: c)(config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
     request = Request(bits, group_size, dict(overrides or {}))
-    refs = safetensors_index(path)
     if kind == "float" and any(n.endswith(".qweight") for n in refs):
         raise EdgertError(f"{path}: quantized tensors (qweight) but no quantization_config")
     if kind == "bitnet":
@@ -437,8 +441,39 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         tensor_count=sum(len(names) for names, _ in steps),
         tokenizer_files=tokenizer_files,
         source={"path": str(path), "format": "hf-" + kind, "quantization_config": qcfg or mlx_quant,
-                "files": sorted({r.file.name for r in refs.values()})},
+                "files": sorted({r.file.name for r in refs.values()}),
+                **({"notes": notes} if notes else {})},
     )
+
+
+def _architecture(model_type: str):
+    """The edgert.models module of `model_type` (its optional hf_name / hf_config hooks)."""
+    import importlib
+
+    from edgert.models import MODEL_REMAPPING
+
+    return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+
+
+def _renamed(refs: dict[str, TensorRef], arch, config: dict,
+             path: Path) -> tuple[dict[str, TensorRef], list[str]]:
+    """Checkpoint names -> package names through the architecture's `hf_name` (None drops a
+    tensor); the note says once what was left out."""
+    rename = getattr(arch, "hf_name", None)
+    if rename is None:
+        return refs, []
+    out, dropped = {}, []
+    for name, ref in refs.items():
+        new = rename(name, config)
+        if new is None:
+            dropped.append(name)
+        else:
+            out[new] = ref
+    if not dropped:
+        return dict(sorted(out.items())), []
+    towers = sorted({".".join(n.split(".")[:2]) for n in dropped})
+    return dict(sorted(out.items())), [
+        f"{path.name}: left out {len(dropped)} tensors not of the text model ({', '.join(towers)})"]
 
 
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,

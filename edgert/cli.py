@@ -201,6 +201,9 @@ def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtyp
                         bits=None if bits is None else int(bits),
                         group_size=None if group_size is None else int(group_size),
                         overrides=overrides, requantize=requantize, scale_dtype=scale_dtype)
+    meta = json.loads((path / "edgert.json").read_text())
+    for note in meta.get("source", {}).get("notes", []):
+        click.echo(note, err=True)
     click.echo(f"wrote {path}")
 
 

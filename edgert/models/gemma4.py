@@ -340,10 +340,14 @@ class Model(nn.Module):
             out[k] = v
         return out
 
-    def map_files(self, folder: Path, config: dict, resident: bool = False) -> None:
+    def map_files(self, folder: Path, config: dict, weights: dict | None = None,
+                  resident: bool = False) -> None:
         """Look the PLE table up in the package's own file (PLE_FILE) through a memory map, in
-        place of the weights' embedding; `resident` reads it into memory instead."""
+        place of the weights' embedding; `resident` reads it into memory instead. A package
+        whose weights hold the table (e.g. written by mlx-lm) keeps it there."""
         if not self.args.hidden_size_per_layer_input:
+            return
+        if weights is not None and f"{PLE}.weight" in weights:
             return
         a = self.args
         shape = (a.vocab_size_per_layer_input, a.num_hidden_layers * a.hidden_size_per_layer_input)

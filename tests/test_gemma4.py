@@ -326,3 +326,18 @@ def test_bad_input_is_one_line_on_the_cli(packages, tmp_path, capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is missing" in err
+
+
+def test_info_separates_stored_resident_and_read_per_token(packages):
+    from edgert.info import package_info
+
+    pkg = packages[4]
+    s = package_info(pkg)
+    ple = _header_of(pkg / gemma4.PLE_FILE)
+    main = _header_of(pkg / "model.safetensors")
+    table = 8 * 16 * VOCAB  # layers * ple dim * vocab
+    assert s["stored_parameters"] - s["resident_parameters"] == table
+    data = lambda h: sum(e["data_offsets"][1] - e["data_offsets"][0]  # noqa: E731
+                         for k, e in h.items() if k != "__metadata__")
+    expected = data(main) + data(ple) / VOCAB  # every resident weight + one PLE row
+    assert abs(s["bytes_read_per_token"] - expected) / expected < 1e-3

@@ -420,9 +420,14 @@ class MappedRows:
         return cls(arrays, dtypes, quant)
 
     def resident(self) -> "MappedRows":
-        """The same table read into memory (what a runtime without the map holds)."""
-        return MappedRows({k: np.array(v) for k, v in self.arrays.items()}, self.dtypes,
-                          self.quant)
+        """The same table read into memory with plain reads (what a runtime without the map
+        holds; no page of the map is touched)."""
+        arrays = {}
+        for k, v in self.arrays.items():
+            with open(v.filename, "rb") as f:
+                f.seek(v.offset)
+                arrays[k] = np.fromfile(f, v.dtype, v.size).reshape(v.shape)
+        return MappedRows(arrays, self.dtypes, self.quant)
 
     def _rows(self, leaf: str, idx: np.ndarray) -> mx.array:
         a = mx.array(self.arrays[leaf][idx])  # only these rows are read from the file

@@ -215,9 +215,30 @@ def llama3_scaling(rope_freqs: np.ndarray, theta: float, dims: int) -> dict | No
     raise UnsupportedError("rope_freqs tensor does not match Llama 3 rope scaling")
 
 
+# GGUF architectures whose reading lives in their edgert.models module (GGUF_ARCH,
+# gguf_config, gguf_hf_name, GGUF_SKIPPED), by HF model_type
+ARCH_MODULES = {"gemma4": "gemma4_text"}
+
+
+def _arch_module(model_type: str):
+    """The edgert.models module that reads `model_type` from GGUF itself, or None."""
+    if model_type not in ARCH_MODULES.values():
+        return None
+    import importlib
+
+    from edgert.models import MODEL_REMAPPING
+
+    return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+
+
 def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     """config.json fields for the GGUF's architecture, from its metadata and tensor names."""
     arch = meta(reader, "general.architecture")
+    if (module := _arch_module(ARCH_MODULES.get(arch, ""))) is not None:
+        by_name = {t.name: t for t in reader.tensors}
+        shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in by_name.items()}
+        return module.gguf_config(lambda key, default=None: meta(reader, key, default), shapes,
+                                  lambda name: _dequantized(by_name[name], shapes[name], None))
     if arch not in ARCHITECTURES:
         raise UnsupportedError(f"unknown architecture {arch!r} "
                                f"(supported: {', '.join(ARCHITECTURES)})")
@@ -313,6 +334,8 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     """The HF name of a GGUF tensor in a `model_type` model, or None.
 
     blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
+    if (module := _arch_module(model_type)) is not None:
+        return module.gguf_hf_name(gguf_name)
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
         names = BLOCK_NAMES | MODEL_BLOCK_NAMES.get(model_type, {})
@@ -460,7 +483,9 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         config = hf_config(reader, names)
         arch = config["model_type"]
         heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-        kept = [t for t in reader.tensors if t.name not in SKIPPED]
+        module = _arch_module(arch)
+        skipped = set(module.GGUF_SKIPPED) if module is not None else SKIPPED
+        kept = [t for t in reader.tensors if t.name not in skipped]
         for t in kept:
             if hf_name(t.name, arch) is None:
                 raise UnsupportedError(f"tensor {t.name} has no {arch} counterpart")
@@ -477,7 +502,9 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                 raise EdgertError(f"tensor {t.name} has {int(t.shape[-1])} rows, which "
                                   f"{n} heads cannot split")
         note = ""
-        if "rope_freqs.weight" in names:
+        if "rope_freqs.weight" in names and module is not None:
+            note = "rope_freqs tensor skipped: it is the full layers' partial rotary factor"
+        elif "rope_freqs.weight" in names:
             freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
             note = "rope_freqs tensor skipped: all factors 1"
             if (scaling := llama3_scaling(freqs, config["rope_theta"], config["head_dim"])):

@@ -501,3 +501,16 @@ def test_gguf_tokenizer_matches_llama_cpp(ggufs, llama_cpp, tmp_path):
             assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=False)
     finally:
         llm.close()
+
+
+def test_bench_counts_one_ple_row_per_token(packages):
+    """`edgert bench`'s roofline reads the resident weights and one PLE row per token, not the
+    table."""
+    from edgert.bench import load_for_bench
+
+    pkg = packages[4]
+    model, _, size = load_for_bench(str(pkg), None, 4, 64)
+    ple = _header_of(pkg / gemma4.PLE_FILE)
+    row = sum(e["data_offsets"][1] - e["data_offsets"][0]
+              for k, e in ple.items() if k != "__metadata__") // VOCAB
+    assert size == (pkg / "model.safetensors").stat().st_size + row

@@ -356,6 +356,12 @@ class Model(nn.Module):
         self.model.ple_rows = rows.resident() if resident else rows
 
     @property
+    def mapped_bytes_per_token(self) -> int:
+        """Bytes a token reads from the memory-mapped PLE table (one row), 0 if not mapped."""
+        rows = self.model.ple_rows
+        return rows.row_bytes if rows is not None else 0
+
+    @property
     def layers(self):
         return self.model.layers
 

@@ -36,8 +36,6 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         TensorRecord)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "gemma4",
-                 "gemma4_text")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -414,26 +412,26 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     if scale_dtype not in SCALE_DTYPES:
         raise EdgertError(f"scale_dtype must be one of {list(SCALE_DTYPES)}")
     config = json.loads((path / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
-    arch = _architecture(model_type)
-    refs = safetensors_index(path)
-    refs, notes = _renamed(refs, arch, config, path)
-    config = getattr(arch, "hf_config", lambda c: c)(config)
+    from edgert.models import architecture
+
+    arch = architecture(config.get("model_type"))  # what is specific to it lives there
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
     request = Request(bits, group_size, dict(overrides or {}))
+    refs, dropped = _renamed(safetensors_index(path), arch, config)
+    if hasattr(arch, "hf_config"):
+        config = arch.hf_config(config)
     if kind == "float" and any(n.endswith(".qweight") for n in refs):
         raise EdgertError(f"{path}: quantized tensors (qweight) but no quantization_config")
     if kind == "bitnet":
         config["bitnet"] = {"activation_bits": 8, "weight_scale": (
             "multiply" if qcfg.get("linear_class") == "autobitlinear" else "divide")}
 
+    policy = getattr(arch, "quant_policy", None)
     steps = _plan(refs, kind, qcfg if kind != "mlx" else mlx_quant, request, scale_dtype,
-                  bool(config.get("tie_word_embeddings")))
+                  bool(config.get("tie_word_embeddings")),
+                  policy and (lambda name, shape: policy(name, shape, config)))
     tokenizer_files = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
     return CanonicalModel(
         config=config,
@@ -442,42 +440,31 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         tokenizer_files=tokenizer_files,
         source={"path": str(path), "format": "hf-" + kind, "quantization_config": qcfg or mlx_quant,
                 "files": sorted({r.file.name for r in refs.values()}),
-                **({"notes": notes} if notes else {})},
+                **({"dropped": dropped} if dropped else {})},
     )
 
 
-def _architecture(model_type: str):
-    """The edgert.models module of `model_type` (its optional hf_name / hf_config hooks)."""
-    import importlib
-
-    from edgert.models import MODEL_REMAPPING
-
-    return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
-
-
-def _renamed(refs: dict[str, TensorRef], arch, config: dict,
-             path: Path) -> tuple[dict[str, TensorRef], list[str]]:
-    """Checkpoint names -> package names through the architecture's `hf_name` (None drops a
-    tensor); the note says once what was left out."""
+def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:
+    """The checkpoint's tensors under the names the architecture keeps (its `hf_name`; None
+    drops a tensor, e.g. a vision tower), and a one-line account of what was dropped."""
     rename = getattr(arch, "hf_name", None)
     if rename is None:
-        return refs, []
-    out, dropped = {}, []
+        return refs, ""
+    kept, dropped = {}, []
     for name, ref in refs.items():
         new = rename(name, config)
         if new is None:
             dropped.append(name)
         else:
-            out[new] = ref
+            kept[new] = ref
     if not dropped:
-        return dict(sorted(out.items())), []
-    towers = sorted({".".join(n.split(".")[:2]) for n in dropped})
-    return dict(sorted(out.items())), [
-        f"{path.name}: left out {len(dropped)} tensors not of the text model ({', '.join(towers)})"]
+        return dict(sorted(kept.items())), ""
+    stems = sorted({n.split(".")[0] + "." + n.split(".")[1] if "." in n else n for n in dropped})
+    return dict(sorted(kept.items())), f"{len(dropped)} tensors left out ({', '.join(stems[:3])})"
 
 
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
-          scale_dtype: str, tied: bool) -> list[Step]:
+          scale_dtype: str, tied: bool, policy=None) -> list[Step]:
     """One step per output tensor (or per quantized module), in the checkpoint's name order."""
     owned: dict[str, str] = {}  # source tensor name -> module that consumes it
     for name in refs:
@@ -510,6 +497,10 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
         want = request.get(module)
         quantizable = (leaf == "weight" and len(ref.shape) == 2
                        and ref.dtype in ("F32", "F16", "BF16"))
+        if quantizable and kind == "float" and want is None and policy is not None:
+            p = policy(name, ref.shape)  # the architecture's own rule for this tensor
+            quantizable = p is not False
+            want = {"bits": p.get("bits"), "group_size": p.get("group_size")} if p else None
         if quantizable and (kind == "float" or want is not None):
             steps.append(([name], lambda name=name, ref=ref, want=want: _matrix_records(
                 name, ref.load(), name, ref.dtype, want, scale_dtype)))

@@ -202,8 +202,8 @@ def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtyp
                         group_size=None if group_size is None else int(group_size),
                         overrides=overrides, requantize=requantize, scale_dtype=scale_dtype)
     meta = json.loads((path / "edgert.json").read_text())
-    for note in meta.get("source", {}).get("notes", []):
-        click.echo(note, err=True)
+    if dropped := meta.get("source", {}).get("dropped"):  # said once: what was left out
+        click.echo(f"{src}: {dropped}", err=True)
     click.echo(f"wrote {path}")
 
 

@@ -26,10 +26,10 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import EdgertError, UnsupportedError
-from .base import BaseModelArgs, attention, causal_mask, embed
+from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed
 from .cache import KVCache, RotatingKVCache, first_of
 
-MODEL_TYPES = ("gemma4", "gemma4_text")
+MODEL_TYPES = ("gemma4_text", "gemma4")  # the first is what packages store
 SLIDING, FULL = "sliding_attention", "full_attention"
 PLE = "model.embed_tokens_per_layer"
 PLE_FILE = "model-per-layer-embeddings.safetensors"  # mlx-lm globs model*.safetensors too
@@ -506,39 +506,6 @@ def hf_config(config: dict) -> dict:
 
 # ------------------------------------------------------------------ GGUF (llama.cpp "gemma4")
 
-GGUF_ARCH = "gemma4"
-GGUF_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-                "output": "lm_head", "per_layer_token_embd": "model.embed_tokens_per_layer",
-                "per_layer_model_proj": "model.per_layer_model_projection",
-                "per_layer_proj_norm": "model.per_layer_projection_norm"}
-GGUF_BLOCK = {  # blk.N.<key> -> model.layers.N.<value> (llama.cpp's gguf-py tensor_mapping)
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "inp_gate": "per_layer_input_gate",
-    "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm"}
-GGUF_SKIPPED = ("rope_freqs.weight",)  # read into rope_parameters (partial_rotary_factor)
-
-
-def gguf_hf_name(name: str) -> str | None:
-    """blk.3.inp_gate.weight -> model.layers.3.per_layer_input_gate.weight (None: unknown).
-    llama.cpp's converter stores layer_scalar as blk.N.layer_output_scale.weight."""
-    stem, _, kind = name.rpartition(".")
-    if kind not in ("weight", "bias"):
-        return None
-    if stem in GGUF_GLOBALS:
-        return f"{GGUF_GLOBALS[stem]}.{kind}"
-    parts = stem.split(".")
-    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
-        return None
-    if parts[2] == "layer_output_scale" and kind == "weight":
-        return f"model.layers.{parts[1]}.layer_scalar"
-    if parts[2] in GGUF_BLOCK:
-        return f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}.{kind}"
-    return None
-
 
 def _per_layer(value, n: int, what: str) -> list[int]:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
@@ -547,65 +514,72 @@ def _per_layer(value, n: int, what: str) -> list[int]:
     return [int(v) for v in values]
 
 
-def gguf_config(meta, shapes: dict[str, tuple[int, ...]], tensor) -> dict:
-    """The HF gemma4_text config of a llama.cpp "gemma4" GGUF, read as llama.cpp's converter
-    (conversion/gemma.py Gemma4Model) writes it. `meta(key, default)` reads a metadata key,
-    `shapes` are the tensors' numpy shapes and `tensor(name)` reads one (float32)."""
-    def need(key: str):
-        v = meta(f"gemma4.{key}", None)
-        if v is None:
-            raise EdgertError(f"missing metadata gemma4.{key}")
-        return v
-
-    n, heads = int(need("block_count")), int(need("attention.head_count"))
-    swa = [bool(x) for x in _per_layer(need("attention.sliding_window_pattern"), n,
-                                       "attention.sliding_window_pattern")]
+def gguf_config(meta, config: dict) -> dict:
+    """Gemma 4's own fields, read as llama.cpp's converter (conversion/gemma.py Gemma4Model)
+    writes them: per-layer kv heads and MLP widths, per-type head dims, the sliding pattern,
+    the shared-KV count, the PLE width, and the proportional rope's turned share from the
+    rope_freqs tensor (1 per turned pair, 1e30 for the rest)."""
+    n = config["num_hidden_layers"]
+    swa = [bool(x) for x in _per_layer(meta.get("attention.sliding_window_pattern", [False]),
+                                       n, "attention.sliding_window_pattern")]
     types = [SLIDING if s else FULL for s in swa]
-    kv = _per_layer(need("attention.head_count_kv"), n, "attention.head_count_kv")
-    ffn = _per_layer(need("feed_forward_length"), n, "feed_forward_length")
-    shared = int(meta("gemma4.attention.shared_kv_layers", 0))
-    hd_full, hd_swa = int(need("attention.key_length")), int(need("attention.key_length_swa"))
+    kv = _per_layer(meta.get("attention.head_count_kv"), n, "attention.head_count_kv")
+    ffn = _per_layer(meta.get("feed_forward_length"), n, "feed_forward_length")
+    shared = int(meta.get("attention.shared_kv_layers", 0))
+    hd_full = int(meta.need("attention.key_length"))
+    hd_swa = int(meta.get("attention.key_length_swa", hd_full))
     first = n - shared
-    k_eq_v = any(t == FULL and f"blk.{i}.attn_k.weight" in shapes
-                 and f"blk.{i}.attn_v.weight" not in shapes
-                 for i, t in enumerate(types[:first]))
-    sliding_kv = next((kv[i] for i, s in enumerate(swa) if s), kv[0])
     rot = 1.0
-    if "rope_freqs.weight" in shapes:  # 1 for each turned pair, 1e30 (angle ~0) for the rest
-        freqs = np.asarray(tensor("rope_freqs.weight"), np.float32)
-        if not np.all((freqs == 1) | (freqs >= 1e29)) or freqs.size != hd_full // 2:
+    if meta.has_tensor("rope_freqs.weight"):
+        freqs = meta.tensor("rope_freqs.weight")
+        if freqs.size != hd_full // 2 or not np.all((freqs == 1) | (freqs >= 1e29)):
             raise UnsupportedError("gemma4 rope_freqs other than proportional rope")
         rot = 2 * int((freqs == 1).sum()) / hd_full
-    vocab = shapes["token_embd.weight"][0]
-    ple = int(meta("gemma4.embedding_length_per_layer_input", 0))
-    config = {
-        "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text",
-        "hidden_size": int(need("embedding_length")), "num_hidden_layers": n,
-        "intermediate_size": ffn[0], "num_attention_heads": heads,
-        "num_key_value_heads": sliding_kv, "head_dim": hd_swa,
+    if meta.get("expert_count"):
+        raise UnsupportedError("Gemma 4 MoE GGUFs are not supported yet")
+    drop = ("hidden_act", "rope_theta", "rope_scaling", "attention_bias")
+    config = {k: v for k, v in config.items() if k not in drop}
+    config.update({
+        "intermediate_size": ffn[0], "head_dim": hd_swa,
+        "num_key_value_heads": next((kv[i] for i, s in enumerate(swa) if s), kv[0]),
         "per_layer_config": {str(i): {"head_dim": hd_full, "num_key_value_heads": kv[i]}
                              for i, t in enumerate(types) if t == FULL},
-        "attention_k_eq_v": k_eq_v, "layer_types": types,
-        "sliding_window": int(need("attention.sliding_window")),
+        "attention_k_eq_v": any(t == FULL and meta.has_tensor(f"blk.{i}.attn_k.weight")
+                                and not meta.has_tensor(f"blk.{i}.attn_v.weight")
+                                for i, t in enumerate(types[:first])),
+        "layer_types": types, "sliding_window": int(meta.need("attention.sliding_window")),
         "num_kv_shared_layers": shared,
         "use_double_wide_mlp": shared > 0 and ffn[-1] == 2 * ffn[0],
-        "hidden_size_per_layer_input": ple,
-        "vocab_size_per_layer_input": shapes.get("per_layer_token_embd.weight", (vocab,))[0],
-        "rms_norm_eps": float(np.float32(need("attention.layer_norm_rms_epsilon"))),
+        "hidden_size_per_layer_input": int(meta.get("embedding_length_per_layer_input", 0)),
+        "vocab_size_per_layer_input": (meta.shape("per_layer_token_embd.weight")[0]
+                                       if meta.has_tensor("per_layer_token_embd.weight")
+                                       else config["vocab_size"]),
         "rope_parameters": {
-            SLIDING: {"rope_type": "default", "rope_theta": float(
-                np.float32(meta("gemma4.rope.freq_base_swa", 10000.0)))},
-            FULL: {"rope_type": "proportional", "partial_rotary_factor": rot, "rope_theta":
-                   float(np.float32(meta("gemma4.rope.freq_base", 1_000_000.0)))}},
-        "final_logit_softcapping": (float(np.float32(c)) if (c := meta(
-            "gemma4.final_logit_softcapping", None)) else None),
-        "max_position_embeddings": int(meta("gemma4.context_length", 131072)),
-        "vocab_size": vocab, "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": "output.weight" not in shapes,
-    }
-    if meta("gemma4.expert_count", None):
-        raise UnsupportedError("Gemma 4 MoE GGUFs are not supported yet")
-    for key in ("bos", "eos", "padding"):
-        if (i := meta(f"tokenizer.ggml.{key}_token_id", None)) is not None:
-            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(i)
+            SLIDING: {"rope_type": "default",
+                      "rope_theta": meta.f32("rope.freq_base_swa", 10000.0)},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": rot,
+                   "rope_theta": meta.f32("rope.freq_base", 1_000_000.0)}},
+        "final_logit_softcapping": meta.f32("final_logit_softcapping"),
+        "hidden_activation": "gelu_pytorch_tanh",
+    })
     return hf_config(config)
+
+
+GGUF = GGUFSpec(
+    "gemma4", "Gemma4ForCausalLM",
+    tensors={  # llama.cpp's gguf-py tensor_mapping
+        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+        "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+        "post_norm": "post_per_layer_input_norm"},
+    parameters={"layer_output_scale": "layer_scalar"},  # a bare parameter, stored as .weight
+    config=gguf_config,
+    global_tensors={"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                    "output": "lm_head", "per_layer_token_embd": "model.embed_tokens_per_layer",
+                    "per_layer_model_proj": "model.per_layer_model_projection",
+                    "per_layer_proj_norm": "model.per_layer_projection_norm"},
+    default_rope_theta=1_000_000.0)

@@ -26,8 +26,9 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(path.glob("model*.safetensors"))
+def load_weights(path: Path, exclude: tuple[str, ...] = ()) -> dict[str, mx.array]:
+    """The package's weights (lazily); `exclude` names files the model maps itself."""
+    files = sorted(f for f in path.glob("model*.safetensors") if f.name not in exclude)
     if not files:
         raise EdgertError(f"{path} has no model*.safetensors")
     weights: dict[str, mx.array] = {}
@@ -111,6 +112,9 @@ def load_model(path: str | Path, lazy: bool = False,
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
     model = model_cls(args)
+    own_files = tuple(getattr(model, "package_files", {}).values())
+    if own_files:  # files the model maps itself (Gemma 4's PLE table) are not loaded
+        weights = load_weights(path, exclude=own_files)
     weights = model.sanitize(weights)
     if mx.default_device() == mx.cpu:
         # float32 scales and biases once here, rather than a cast in every quantized matmul
@@ -125,6 +129,8 @@ def load_model(path: str | Path, lazy: bool = False,
     from .layers import swap_layers
 
     swap_layers(model, weights, config)  # GPTQ act-order inputs, BitNet linear layers
+    if own_files:  # tables looked up from a memory-mapped file (Gemma 4's PLE)
+        model.map_files(path, config, weights)
     if (problem := mismatch(model, weights)) is not None:
         raise EdgertError(f"{path}: weights do not match the config: {problem}")
     try:

@@ -418,6 +418,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     if model_type not in ARCHITECTURES:
         raise UnsupportedError(
             f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    _check_config(path, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
@@ -440,6 +441,17 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         source={"path": str(path), "format": "hf-" + kind, "quantization_config": qcfg or mlx_quant,
                 "files": sorted({r.file.name for r in refs.values()})},
     )
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Build the architecture's arguments once, so that a config it cannot run from fails
+    here, before anything is written (one-line EdgertError)."""
+    from edgert.models import get_classes
+
+    try:
+        get_classes(config["model_type"])[1].from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
 
 
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,

@@ -41,9 +41,11 @@ CONFIGS = {
 }
 
 
-def hf_qwen3_5(name: str, folder: Path):
-    """A random transformers Qwen3.5 model (text-only or the VL wrapper), saved to `folder`."""
+def hf_qwen3_5(name: str, folder: Path, **changes):
+    """A random transformers Qwen3.5 model (text-only or the VL wrapper), saved to `folder`;
+    `changes` go into its text config."""
     wrapper, text = CONFIGS[name]
+    text = dict(text, **changes)
     torch.manual_seed(0)
     if wrapper == "text":
         model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**text))
@@ -71,14 +73,22 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+_CONVERTED: dict[str, tuple] = {}
+
+
+def convert_once(name: str, tmp_path_factory) -> tuple:
+    """(name, transformers model, float package, its edgert model), made once per session."""
+    if name not in _CONVERTED:
+        folder = tmp_path_factory.mktemp(name)
+        hf = hf_qwen3_5(name, folder / "hf")
+        package = convert_file(folder / "hf", folder / "pkg", bits=0, progress=False)
+        _CONVERTED[name] = (name, hf, package, load_model(package)[0])
+    return _CONVERTED[name]
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def converted(request, tmp_path_factory):
-    """(name, transformers model, float package, its edgert model)."""
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = hf_qwen3_5(request.param, folder / "hf")
-    package = convert_file(folder / "hf", folder / "pkg", bits=0, progress=False)
-    model, _ = load_model(package)
-    return request.param, hf, package, model
+    return convert_once(request.param, tmp_path_factory)
 
 
 IDS = np.random.default_rng(0).integers(0, VOCAB, size=(1, 80))
@@ -118,7 +128,6 @@ def test_quantized_default_4bit(converted, tmp_path):
     """The default conversion (4-bit g64): conv1d, A_log, dt_bias and norms stay float; logits
     near the float model's, top-1 mostly the same."""
     name, hf, _, model = converted
-    src = Path(hf.name_or_path) if hf.name_or_path else None
     folder = tmp_path / "hf"
     hf.save_pretrained(folder)
     package = convert_file(folder, tmp_path / "q4", progress=False)
@@ -136,16 +145,17 @@ def test_quantized_default_4bit(converted, tmp_path):
     out = np.array(q4(mx.array(IDS)))
     assert rel_err(out, ref) < 0.2  # 4-bit of random weights
     assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.6
-    del src
 
 
-def test_mlx_lm_loads_the_package(converted):
-    """mlx-lm (its own qwen3_5 model and sanitize) reads edgert's package: same logits.
-    mlx-lm places full attention every full_attention_interval (4) layers and ignores
-    layer_types, so only the config whose layers follow that pattern is comparable."""
-    name, _, package, model = converted
-    if CONFIGS[name][1]["layer_types"] != [L, L, L, F]:
-        pytest.skip("mlx-lm builds layers from full_attention_interval, not layer_types")
+# mlx-lm places full attention every full_attention_interval (4) layers and ignores
+# layer_types: only configs whose layers follow that pattern are comparable.
+MLX_LM_COMPARABLE = ["vl-interval4"]
+
+
+@pytest.mark.parametrize("name", MLX_LM_COMPARABLE)
+def test_mlx_lm_loads_the_package(name, tmp_path_factory):
+    """mlx-lm (its own qwen3_5 model and sanitize) reads edgert's package: same logits."""
+    _, _, package, model = convert_once(name, tmp_path_factory)
     from mlx_lm.utils import load_model as mlx_lm_load
 
     theirs, _ = mlx_lm_load(Path(package))
@@ -251,3 +261,62 @@ def test_bad_config_cli_exit(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "layer_types has 2 entries for 3 layers" in lines[0]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ chat with snapshots
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_char_tokenizer(folder: Path) -> int:
+    """A character-level tokenizer (printable ASCII and newline, one token each, plus ChatML
+    specials) with a Qwen-style ChatML template; returns its vocabulary size. Every id decodes
+    to text that encodes back to the same id, so replies re-enter the history unchanged."""
+    from tokenizers import Tokenizer, decoders, models
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token=None))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from edgert.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("chat")
+    (folder / "hf").mkdir()
+    vocab = write_char_tokenizer(folder / "hf")
+    hf_qwen3_5("text-irregular-untied", folder / "hf", vocab_size=vocab)
+    package = convert_file(folder / "hf", folder / "pkg", bits=0, progress=False)
+    return load_model(package)[0], load_tokenizer(package)
+
+
+def test_chat_snapshots_equal_a_fresh_run(chat_model):
+    """Three turns on a hybrid model: each reply has exactly the tokens of a fresh session over
+    the whole conversation so far; turns 2 and 3 feed only the tokens after the cached ones."""
+    from edgert.chat import ChatSession
+
+    model, tok = chat_model
+    users = ["Hello there", "What is 2+2?", "And 3+3?"]
+    session = ChatSession(model, tok)
+    for turn, user in enumerate(users):
+        before = list(session.cached)
+        history = list(session.messages)
+        tokens = [r.token for r in session.reply(user, 12, {"temp": 0.0})]
+        prompt = tok.encode(tok.apply_chat_template(history + [{"role": "user", "content": user}]),
+                            add_special_tokens=False)
+        if turn == 0:
+            assert session.fed == len(prompt)
+        else:
+            assert before and prompt[: len(before)] == before
+            assert session.fed == len(prompt) - len(before) < len(prompt) // 2
+        fresh = ChatSession(model, tok)
+        fresh.messages = history
+        assert [r.token for r in fresh.reply(user, 12, {"temp": 0.0})] == tokens
+        assert fresh.fed == len(prompt)

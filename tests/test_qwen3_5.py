@@ -32,8 +32,12 @@ VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hi
 CONFIGS = {
     "text-irregular-untied": ("text", dict(TEXT, num_hidden_layers=5,
                                            layer_types=[L, F, L, L, F], tie_word_embeddings=False)),
-    "text-tied": ("text", dict(TEXT, num_hidden_layers=3, layer_types=[L, L, F],
-                               tie_word_embeddings=True)),
+    # YaRN on the rotated quarter of each head (attention factor and frequency ramp)
+    "text-tied-yarn": ("text", dict(TEXT, num_hidden_layers=3, layer_types=[L, L, F],
+                                    tie_word_embeddings=True, rope_parameters={
+                                        "rope_type": "yarn", "rope_theta": 10000.0,
+                                        "partial_rotary_factor": 0.25, "factor": 8.0,
+                                        "original_max_position_embeddings": 16})),
     "vl-interval4": ("vl", dict(TEXT, num_hidden_layers=4, layer_types=[L, L, L, F],
                                 tie_word_embeddings=False)),
     "vl-tied": ("vl", dict(TEXT, num_hidden_layers=3, layer_types=[L, F, L],
@@ -250,7 +254,7 @@ def test_bad_config_cli_exit(tmp_path):
     import sys
 
     src = tmp_path / "hf"
-    hf_qwen3_5("text-tied", src)
+    hf_qwen3_5("text-tied-yarn", src)
     cfg = json.loads((src / "config.json").read_text())
     cfg["layer_types"] = cfg["layer_types"][:2]
     (src / "config.json").write_text(json.dumps(cfg))

@@ -37,7 +37,7 @@ from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, Ca
                         TensorRecord)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_5",
-                 "qwen3_5_text")
+                 "qwen3_5_text", "qwen3_next")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 

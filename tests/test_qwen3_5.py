@@ -324,3 +324,41 @@ def test_chat_snapshots_equal_a_fresh_run(chat_model):
         fresh.messages = history
         assert [r.token for r in fresh.reply(user, 12, {"temp": 0.0})] == tokens
         assert fresh.fed == len(prompt)
+
+
+# ------------------------------------------------------------------ Qwen3-Next, dense layers
+
+NEXT = dict(TEXT, num_hidden_layers=4, layer_types=[L, F, L, L], tie_word_embeddings=False,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+
+
+def test_qwen3_next_dense_matches_transformers(tmp_path):
+    """Qwen3-Next with every layer dense (mlp_only_layers): the fused in_proj_qkvz / in_proj_ba
+    (two value heads per key head, so the per-head interleave shows) against transformers."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3NextConfig(**NEXT, mlp_only_layers=[0, 1, 2, 3])
+    hf = transformers.Qwen3NextForCausalLM(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_model(convert_file(tmp_path / "hf", tmp_path / "pkg", bits=0, progress=False))
+    ref = hf_logits(hf, IDS[:, :40])
+    out = np.array(model(mx.array(IDS[:, :40])))
+    assert rel_err(out, ref) < 1e-4 and (out.argmax(-1) == ref.argmax(-1)).all()
+    cache = make_cache(model)
+    model(mx.array(IDS[:, :30]), cache=cache)
+    for t in range(30, 40):
+        step = np.array(model(mx.array(IDS[:, t : t + 1]), cache=cache))[0, 0]
+        assert rel_err(step, ref[0, t]) < 1e-4
+
+
+def test_qwen3_next_experts_refused():
+    from edgert.models import get_classes
+
+    cfg = dict(NEXT, model_type="qwen3_next", mlp_only_layers=[0, 2])
+    with pytest.raises(EdgertError, match=r"mixture-of-experts layers \[1, 3\]"):
+        get_classes("qwen3_next")[1].from_dict(cfg)

@@ -77,17 +77,21 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-_CONVERTED: dict[str, tuple] = {}
+_CONVERTED: dict[tuple, tuple] = {}
 
 
-def convert_once(name: str, tmp_path_factory) -> tuple:
-    """(name, transformers model, float package, its edgert model), made once per session."""
-    if name not in _CONVERTED:
-        folder = tmp_path_factory.mktemp(name)
-        hf = hf_qwen3_5(name, folder / "hf")
-        package = convert_file(folder / "hf", folder / "pkg", bits=0, progress=False)
-        _CONVERTED[name] = (name, hf, package, load_model(package)[0])
-    return _CONVERTED[name]
+def convert_once(name: str, tmp_path_factory, bits: int | None = 0) -> tuple:
+    """(name, transformers model, package, its edgert model), made once per session; bits 0
+    float, None the converter's default (4-bit g64)."""
+    if (name, bits) not in _CONVERTED:
+        hf_folder = tmp_path_factory.mktemp(name) / "hf"
+        hf = _CONVERTED[name, 0][1] if (name, 0) in _CONVERTED else hf_qwen3_5(name, hf_folder)
+        if not hf_folder.is_dir():
+            hf.save_pretrained(hf_folder)
+        package = convert_file(hf_folder, hf_folder.parent / f"pkg{bits}", bits=bits,
+                               progress=False)
+        _CONVERTED[name, bits] = (name, hf, package, load_model(package)[0])
+    return _CONVERTED[name, bits]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -128,13 +132,11 @@ def test_cached_decode_matches_uncached(converted):
     assert delta.dtype == mx.float32
 
 
-def test_quantized_default_4bit(converted, tmp_path):
+def test_quantized_default_4bit(converted, tmp_path_factory):
     """The default conversion (4-bit g64): conv1d, A_log, dt_bias and norms stay float; logits
     near the float model's, top-1 mostly the same."""
     name, hf, _, model = converted
-    folder = tmp_path / "hf"
-    hf.save_pretrained(folder)
-    package = convert_file(folder, tmp_path / "q4", progress=False)
+    _, _, package, q4 = convert_once(name, tmp_path_factory, bits=None)
     config = json.loads((package / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
     from safetensors import safe_open
@@ -144,7 +146,6 @@ def test_quantized_default_4bit(converted, tmp_path):
     assert not any(n.endswith(("conv1d.scales", "A_log.scales", "dt_bias.scales", "norm.scales"))
                    for n in names)
     assert any(n.endswith("in_proj_qkv.scales") for n in names)
-    q4, _ = load_model(package)
     ref = np.array(model(mx.array(IDS)))
     out = np.array(q4(mx.array(IDS)))
     assert rel_err(out, ref) < 0.2  # 4-bit of random weights
@@ -156,13 +157,15 @@ def test_quantized_default_4bit(converted, tmp_path):
 MLX_LM_COMPARABLE = ["vl-interval4"]
 
 
+@pytest.mark.parametrize("bits", [0, None], ids=["float", "4-bit"])
 @pytest.mark.parametrize("name", MLX_LM_COMPARABLE)
-def test_mlx_lm_loads_the_package(name, tmp_path_factory):
+def test_mlx_lm_loads_the_package(name, bits, tmp_path_factory):
     """mlx-lm (its own qwen3_5 model and sanitize) reads edgert's package: same logits."""
-    _, _, package, model = convert_once(name, tmp_path_factory)
+    _, _, package, model = convert_once(name, tmp_path_factory, bits)
     from mlx_lm.utils import load_model as mlx_lm_load
 
     theirs, _ = mlx_lm_load(Path(package))
+    theirs.set_dtype(mx.float32)  # mlx-lm computes in the scales' dtype (float16); ours float32
     ref = np.array(theirs(mx.array(IDS)))
     out = np.array(model(mx.array(IDS)))
     assert rel_err(out, ref) < 1e-4

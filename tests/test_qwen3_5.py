@@ -365,3 +365,98 @@ def test_qwen3_next_experts_refused():
     cfg = dict(NEXT, model_type="qwen3_next", mlp_only_layers=[0, 2])
     with pytest.raises(EdgertError, match=r"mixture-of-experts layers \[1, 3\]"):
         get_classes("qwen3_next")[1].from_dict(cfg)
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp's converter)
+
+# more value heads than key heads (llama.cpp reorders them) and value heads of 32 columns (so
+# that out_proj's reordered columns are whole Q8_0 / MLX groups)
+GGUF_MODEL = dict(linear_value_head_dim=32, linear_num_value_heads=4, linear_num_key_heads=2)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(tmp_path_factory) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, its conversion/ package and gguf-py, unpacked from
+    the llama-cpp-python sdist (tests/fetch_data.sh)."""
+    import tarfile
+
+    from testdata import data_file
+
+    sdist = data_file("llama_cpp_python-0.3.36.tar.gz")
+    out = tmp_path_factory.mktemp("llama-cpp-src")
+    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                   and m.name[len(prefix):].startswith(wanted)]
+        tar.extractall(out, members=members, filter="data")
+    return out / prefix
+
+
+# The converter names the tokenizer's pre-tokenizer by hashing its output on a fixed text; the
+# test tokenizer is in no list, so it is named "gpt-2" (llama.cpp only uses that to tokenize
+# text; these tests feed token ids). Nothing else of the converter is touched.
+_RUN_CONVERTER = """
+import runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, root + "/gguf-py"]
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv[0] = root + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def llama_cpp_gguf(converter: Path, hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
+    """A GGUF made by llama.cpp's own convert_hf_to_gguf.py from an HF folder."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(converter), str(hf_folder),
+                        "--outfile", str(out), "--outtype", outtype, "--no-mtp"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gguf_source(llama_cpp_converter, tmp_path_factory):
+    """(transformers model, HF folder, the f32 GGUF llama.cpp's converter made of it)."""
+    folder = tmp_path_factory.mktemp("gguf")
+    (folder / "hf").mkdir()
+    vocab = write_char_tokenizer(folder / "hf")
+    hf = hf_qwen3_5("text-irregular-untied", folder / "hf", vocab_size=vocab, **GGUF_MODEL)
+    return hf, folder / "hf", llama_cpp_gguf(llama_cpp_converter, folder / "hf",
+                                             folder / "f32.gguf")
+
+
+def test_gguf_transforms_undo_llama_cpp_converter(gguf_source):
+    """Every tensor of llama.cpp's f32 GGUF, mapped and transformed by the qwen3_5 module, is
+    the HF checkpoint's tensor (exact but for A_log = log(-ssm_a) and the norms' 1 + w)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from edgert.models import qwen3_5
+
+    hf, folder, path = gguf_source
+    ref = load_file(str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    reader = gguf.GGUFReader(path)
+    seen = set()
+    for t in reader.tensors:
+        layer, _, rest = t.name.removeprefix("blk.").partition(".")
+        part, _, kind = rest.rpartition(".")
+        if t.name.startswith("blk."):
+            leaf = qwen3_5.GGUF_LEAVES.get(rest) or f"{qwen3_5.GGUF_TENSORS[part]}.{kind}"
+            name = f"model.layers.{layer}.{leaf}"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output.weight":
+                    "lm_head.weight", "output_norm.weight": "model.norm.weight"}[t.name]
+        value = qwen3_5.gguf_transform(name, np.array(t.data, dtype=np.float32), config)
+        assert value.shape == ref[name].shape, name
+        if name.endswith(("A_log", "norm.weight")):
+            np.testing.assert_allclose(value, ref[name], rtol=1e-6, atol=1e-7, err_msg=name)
+        else:
+            np.testing.assert_array_equal(value, ref[name], err_msg=name)
+        seen.add(name)
+    assert seen == set(ref)

@@ -23,7 +23,8 @@ TEXT = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key
             head_dim=16, vocab_size=VOCAB, linear_conv_kernel_dim=4, linear_key_head_dim=16,
             linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "partial_rotary_factor": 0.5})
+                             "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True})
 L, F = "linear_attention", "full_attention"
 VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
               patch_size=4, num_position_embeddings=16)
@@ -276,14 +277,16 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_char_tokenizer(folder: Path) -> int:
+def write_char_tokenizer(folder: Path, merge: bool = False) -> int:
     """A character-level tokenizer (printable ASCII and newline, one token each, plus ChatML
     specials) with a Qwen-style ChatML template; returns its vocabulary size. Every id decodes
-    to text that encodes back to the same id, so replies re-enter the history unchanged."""
+    to text that encodes back to the same id, so replies re-enter the history unchanged.
+    `merge` adds one BPE merge ("~" "`"), which llama.cpp's vocabulary loader requires."""
     from tokenizers import Tokenizer, decoders, models
 
-    chars = ["\n"] + [chr(c) for c in range(32, 127)]
-    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token=None))
+    chars = ["\n"] + [chr(c) for c in range(32, 127)] + (["~`"] if merge else [])
+    merges = [("~", "`")] if merge else []
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, merges, unk_token=None))
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
     tok.save(str(folder / "tokenizer.json"))
@@ -369,9 +372,11 @@ def test_qwen3_next_experts_refused():
 
 # ------------------------------------------------------------------ GGUF (llama.cpp's converter)
 
-# more value heads than key heads (llama.cpp reorders them) and value heads of 32 columns (so
-# that out_proj's reordered columns are whole Q8_0 / MLX groups)
-GGUF_MODEL = dict(linear_value_head_dim=32, linear_num_value_heads=4, linear_num_key_heads=2)
+# more value heads than key heads (llama.cpp reorders them); value heads of 32 columns, so that
+# out_proj's reordered columns are whole Q8_0 / MLX groups; key heads as wide as value heads
+# (llama.cpp's qwen35 takes both from ssm.state_size)
+GGUF_MODEL = dict(linear_key_head_dim=32, linear_value_head_dim=32, linear_num_value_heads=4,
+                  linear_num_key_heads=2)
 
 
 @pytest.fixture(scope="session")
@@ -424,7 +429,7 @@ def gguf_source(llama_cpp_converter, tmp_path_factory):
     """(transformers model, HF folder, the f32 GGUF llama.cpp's converter made of it)."""
     folder = tmp_path_factory.mktemp("gguf")
     (folder / "hf").mkdir()
-    vocab = write_char_tokenizer(folder / "hf")
+    vocab = write_char_tokenizer(folder / "hf", merge=True)
     hf = hf_qwen3_5("text-irregular-untied", folder / "hf", vocab_size=vocab, **GGUF_MODEL)
     return hf, folder / "hf", llama_cpp_gguf(llama_cpp_converter, folder / "hf",
                                              folder / "f32.gguf")
@@ -460,3 +465,36 @@ def test_gguf_transforms_undo_llama_cpp_converter(gguf_source):
             np.testing.assert_array_equal(value, ref[name], err_msg=name)
         seen.add(name)
     assert seen == set(ref)
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits (T, vocab) on a GGUF, through the llama_cpp binding."""
+    import os
+
+    from testdata import data_file
+
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(data_file("llama.cpp/lib/libllama.so").parent)
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True,
+                          n_threads=2, verbose=False, seed=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_peer_on_its_own_gguf(gguf_source, tmp_path):
+    """llama.cpp on the f32 GGUF its converter made and edgert on the package converted from
+    the same HF checkpoint: top-1 identical at every position. (llama.cpp keeps its KV cache in
+    float16: logits agree to ~1e-3 of the largest, not 1e-4.)"""
+    hf, folder, path = gguf_source
+    ids = [int(i) for i in IDS[0, :60] % hf.config.vocab_size]
+    theirs = llama_cpp_logits(path, ids)
+    model, _ = load_model(convert_file(folder, tmp_path / "pkg", bits=0, progress=False))
+    ours = np.array(model(mx.array([ids])))[0]
+    ref = hf_logits(hf, np.array([ids]))[0]
+    assert rel_err(ours, ref) < 1e-4
+    assert rel_err(theirs, ref) < 1e-2
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()

@@ -337,6 +337,24 @@ def hf_name(name: str, config: dict) -> str | None:
     return name
 
 
+def hf_config(config: dict) -> dict:
+    """The package's config: as the checkpoint's, but a text-only checkpoint is stored as
+    model_type "qwen3_5" (mlx-lm has no "qwen3_5_text"; it reads a flat qwen3_5 config as the
+    text model), and periodic layer_types also as full_attention_interval (which is all
+    mlx-lm reads of them)."""
+    config = dict(config)
+    if config.get("model_type") == "qwen3_5_text":
+        config["model_type"] = "qwen3_5"
+    text = config
+    if isinstance(config.get("text_config"), dict):
+        text = config["text_config"] = dict(config["text_config"])
+    types = text.get("layer_types") or []
+    n = next((i + 1 for i, t in enumerate(types) if t == FULL), None)
+    if n and types == [FULL if (i + 1) % n == 0 else LINEAR for i in range(len(types))]:
+        text["full_attention_interval"] = n
+    return config
+
+
 def quant_policy(name: str, shape: tuple, config: dict):
     """Keep conv1d, A_log, dt_bias and norms float (mlx-lm does too); everything else, the
     small in_proj_a / in_proj_b included, at the default layout, as mlx-lm's dense Qwen3.5."""

@@ -36,8 +36,6 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         TensorRecord)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_5",
-                 "qwen3_5_text", "qwen3_next")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -414,24 +412,27 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     if scale_dtype not in SCALE_DTYPES:
         raise EdgertError(f"scale_dtype must be one of {list(SCALE_DTYPES)}")
     config = json.loads((path / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
-    _check_config(path, config)
+    from edgert.models import architecture
+
+    arch = architecture(config.get("model_type"))  # what is specific to it lives there
+    _check_config(path, arch, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
     request = Request(bits, group_size, dict(overrides or {}))
-    refs = safetensors_index(path)
+    refs, dropped = _renamed(safetensors_index(path), arch, config)
+    if hasattr(arch, "hf_config"):
+        config = arch.hf_config(config)
     if kind == "float" and any(n.endswith(".qweight") for n in refs):
         raise EdgertError(f"{path}: quantized tensors (qweight) but no quantization_config")
     if kind == "bitnet":
         config["bitnet"] = {"activation_bits": 8, "weight_scale": (
             "multiply" if qcfg.get("linear_class") == "autobitlinear" else "divide")}
 
+    policy = getattr(arch, "quant_policy", None)
     steps = _plan(refs, kind, qcfg if kind != "mlx" else mlx_quant, request, scale_dtype,
-                  bool(config.get("tie_word_embeddings")))
+                  bool(config.get("tie_word_embeddings")),
+                  policy and (lambda name, shape: policy(name, shape, config)))
     tokenizer_files = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
     return CanonicalModel(
         config=config,
@@ -439,23 +440,41 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         tensor_count=sum(len(names) for names, _ in steps),
         tokenizer_files=tokenizer_files,
         source={"path": str(path), "format": "hf-" + kind, "quantization_config": qcfg or mlx_quant,
-                "files": sorted({r.file.name for r in refs.values()})},
+                "files": sorted({r.file.name for r in refs.values()}),
+                **({"dropped": dropped} if dropped else {})},
     )
 
 
-def _check_config(path: Path, config: dict) -> None:
+def _check_config(path: Path, arch, config: dict) -> None:
     """Build the architecture's arguments once, so that a config it cannot run from fails
     here, before anything is written (one-line EdgertError)."""
-    from edgert.models import get_classes
-
     try:
-        get_classes(config["model_type"])[1].from_dict(config)
+        arch.ModelArgs.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
 
 
+def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:
+    """The checkpoint's tensors under the names the architecture keeps (its `hf_name`; None
+    drops a tensor, e.g. a vision tower), and a one-line account of what was dropped."""
+    rename = getattr(arch, "hf_name", None)
+    if rename is None:
+        return refs, ""
+    kept, dropped = {}, []
+    for name, ref in refs.items():
+        new = rename(name, config)
+        if new is None:
+            dropped.append(name)
+        else:
+            kept[new] = ref
+    if not dropped:
+        return dict(sorted(kept.items())), ""
+    stems = sorted({n.split(".")[0] + "." + n.split(".")[1] if "." in n else n for n in dropped})
+    return dict(sorted(kept.items())), f"{len(dropped)} tensors left out ({', '.join(stems[:3])})"
+
+
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
-          scale_dtype: str, tied: bool) -> list[Step]:
+          scale_dtype: str, tied: bool, policy=None) -> list[Step]:
     """One step per output tensor (or per quantized module), in the checkpoint's name order."""
     owned: dict[str, str] = {}  # source tensor name -> module that consumes it
     for name in refs:
@@ -488,6 +507,10 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
         want = request.get(module)
         quantizable = (leaf == "weight" and len(ref.shape) == 2
                        and ref.dtype in ("F32", "F16", "BF16"))
+        if quantizable and kind == "float" and want is None and policy is not None:
+            p = policy(name, ref.shape)  # the architecture's own rule for this tensor
+            quantizable = p is not False
+            want = {"bits": p.get("bits"), "group_size": p.get("group_size")} if p else None
         if quantizable and (kind == "float" or want is not None):
             steps.append(([name], lambda name=name, ref=ref, want=want: _matrix_records(
                 name, ref.load(), name, ref.dtype, want, scale_dtype)))

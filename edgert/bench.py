@@ -85,8 +85,43 @@ def kv_bytes_per_token(model: nn.Module) -> int:
 
 
 def bytes_per_decoded_token(model: nn.Module, depth: int) -> int:
-    """Every weight once, plus the KV cache at this depth."""
-    return weight_bytes(model) + kv_bytes_per_token(model) * depth
+    """Every weight once, plus the caches at this depth."""
+    return weight_bytes(model) + CacheProfile.of(model).bytes_read(depth)
+
+
+@dataclass
+class CacheProfile:
+    """What one decoded token reads of each cache kind (edgert.models.cache): full-attention
+    KV grows with depth; a sliding window's stops growing at its window; a recurrent state is
+    read and written once per token whatever the depth."""
+
+    kv_per_position: int = 0  # full-attention layers, bytes per cached position
+    windows: list = field(default_factory=list)  # [(bytes per position, window)] per rotating layer
+    recurrent: int = 0  # bytes of recurrent state, all layers
+
+    def bytes_read(self, depth: int) -> int:
+        window = sum(b * min(depth, w) for b, w in self.windows)
+        return self.kv_per_position * depth + window + 2 * self.recurrent
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "CacheProfile":
+        """Measured on the model's own caches after one token."""
+        from .models.cache import KVCache, RecurrentCache, RotatingKVCache
+
+        cache = make_cache(model)
+        model(mx.zeros((1, 1), mx.uint32), cache=cache)
+        mx.eval([c.state for c in cache])
+        profile = cls()
+        for c in cache:
+            if isinstance(c, RecurrentCache):
+                profile.recurrent += c.nbytes
+            elif isinstance(c, (KVCache, RotatingKVCache)) and c.keys is not None:
+                per = (c.keys.nbytes // c.keys.shape[2]) + (c.values.nbytes // c.values.shape[2])
+                if isinstance(c, RotatingKVCache):
+                    profile.windows.append((per, c.window))
+                else:
+                    profile.kv_per_position += per
+        return profile
 
 
 def measure_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
@@ -214,12 +249,17 @@ class BenchReport:
     peak_mlx_bytes: int = 0
     peak_rss_bytes: int = 0
     kv_bytes_per_token: int = 0
+    cache: CacheProfile = field(default_factory=CacheProfile)
     complete: bool = False
     stopped_by: str | None = None
 
+    def bytes_per_token(self, depth: int) -> int:
+        """Weights once plus what each cache kind reads at this depth."""
+        return self.size_bytes + self.cache.bytes_read(depth)
+
     def ceiling(self, depth: int) -> float:
         """Bandwidth-bound decode tok/s on this device at this depth."""
-        per_token = self.size_bytes + self.kv_bytes_per_token * depth
+        per_token = self.bytes_per_token(depth)
         return self.bandwidth_gbs * 1e9 / per_token if self.bandwidth_gbs else 0.0
 
     def rows(self) -> list[dict]:
@@ -235,7 +275,7 @@ class BenchReport:
 
     def projections(self, depth: int = 0) -> list[dict]:
         """This package's decode ceiling on Apple chips, from their bandwidth (projections)."""
-        per_token = self.size_bytes + self.kv_bytes_per_token * depth
+        per_token = self.bytes_per_token(depth)
         return [{"chip": chip, "bandwidth_gbs": bw, "ceiling_tok_s": round(bw * 1e9 / per_token, 1)}
                 for chip, bw in APPLE_BANDWIDTH_GBS.items()]
 
@@ -277,7 +317,8 @@ def run_bench(model_arg: str | None = None, *, synthetic: str | None = None, bit
         model=label, backend=str(mx.default_device()).split("(")[-1].split(",")[0],
         device=mx.device_info().get("device_name", "?") if hasattr(mx, "device_info") else "?",
         parameters=params, size_bytes=size, bits_per_weight=round(8 * size / max(params, 1), 3),
-        load_s=round(load_s, 3), kv_bytes_per_token=kv_bytes_per_token(model))
+        load_s=round(load_s, 3), cache=CacheProfile.of(model))
+    report.kv_bytes_per_token = report.cache.kv_per_position
     try:
         report.bandwidth_gbs = round(measure_bandwidth(), 2)
         if warmup:
@@ -432,7 +473,7 @@ def plot(report: BenchReport, out_dir) -> list:
         # Roofline in tokens: achieved bytes/s against the measured bandwidth.
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in tg:
-            bytes_tok = report.size_bytes + report.kv_bytes_per_token * t.depth
+            bytes_tok = report.bytes_per_token(t.depth)
             ax.bar(f"{t.test}@{t.depth}", t.mean * bytes_tok / 1e9)
         ax.axhline(report.bandwidth_gbs, color="red", linestyle="--", label="measured bandwidth")
         ax.set(ylabel="effective GB/s read", title="decode roofline")

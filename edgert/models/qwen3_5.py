@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import EdgertError, UnsupportedError
-from .base import BaseModelArgs, attention, causal_mask, embed
+from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed
 from .cache import KVCache, RecurrentCache, first_of
 from .gated_delta import decay_and_rate, gated_delta, l2_normalize
 from .rope import initialize_rope
@@ -403,7 +403,7 @@ def gguf_config(meta, config: dict) -> dict:
         raise EdgertError(f"missing metadata {meta.arch}.attention.recurrent_layers "
                           f"(or {meta.arch}.full_attention_interval)")
     n_v = int(meta.need("ssm.time_step_rank"))
-    rope = {"rope_type": "default", "rope_theta": config.pop("rope_theta"),
+    rope = {"rope_type": "default", "rope_theta": config["rope_theta"],
             "partial_rotary_factor": int(meta.need("rope.dimension_count")) / config["head_dim"]}
     if sections := meta.get("rope.dimension_sections"):
         rope["mrope_section"] = [int(s) for s in list(sections)[:3]]
@@ -486,3 +486,7 @@ def _columns_grouped(name: str, value, n_k: int, r: int, dv: int):
     biases = None if value.biases is None else _grouped(value.biases, 1, n_k, r)
     return QuantTensor(_grouped(value.w_q, 1, n_k, r), _grouped(value.scales, 1, n_k, r),
                        biases, value.bits, value.group_size, value.mode)
+
+
+GGUF = GGUFSpec("qwen35", "Qwen3_5ForCausalLM", GGUF_TENSORS, config=gguf_config,
+                transform=gguf_transform, leaves=GGUF_LEAVES)

@@ -565,15 +565,17 @@ def test_gguf_logits_match_transformers(kind, gguf_source, llama_cpp_converter, 
 
 @pytest.mark.parametrize("kind", ["f32", "q8_0"])
 def test_llama_cpp_peer_on_gguf(kind, gguf_source, llama_cpp_converter, tmp_path):
-    """llama.cpp on its own GGUF and edgert on the package converted from that GGUF."""
+    """llama.cpp on its own GGUF and edgert on the package converted from that GGUF: top-1
+    identical at every position."""
     hf = gguf_source[0]
     path = _gguf_of(kind, gguf_source, llama_cpp_converter, tmp_path)
     ids = [int(i) for i in IDS[0, :60] % hf.config.vocab_size]
     theirs = llama_cpp_logits(path, ids)
     model, _ = load_model(convert_file(path, tmp_path / "pkg", progress=False))
     ours = np.array(model(mx.array([ids])))[0]
-    print(kind, rel_err(ours, theirs))
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    # llama.cpp: float16 KV cache; on q8_0 also 8-bit activations (measured 2.3e-4 / 1.1e-2)
+    assert rel_err(ours, theirs) < {"f32": 1e-3, "q8_0": 3e-2}[kind]
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
 def test_gguf_without_recurrent_layer_metadata(gguf_source, llama_cpp_converter, tmp_path):

@@ -174,6 +174,28 @@ def test_mlx_lm_loads_the_package(name, bits, tmp_path_factory):
     assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_vl_wrapper_leaves_the_vision_tower_out(tmp_path):
+    """`edgert convert` of the VL checkpoint: the text model only, said once; the package's
+    config is the flat text config (model_type qwen3_5, what mlx-lm and `edgert info` read)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    hf_qwen3_5("vl-tied", tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-m", "edgert", "convert", str(tmp_path / "hf"), "-o",
+                        str(tmp_path / "pkg")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if "left out" in line]
+    assert len(notes) == 1 and "model.visual" in notes[0]
+    with safe_open(str(tmp_path / "pkg" / "model.safetensors"), "np") as f:
+        names = list(f.keys())
+    assert names and not any("visual" in n for n in names)
+    config = json.loads((tmp_path / "pkg" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5" and "text_config" not in config
+    assert config["hidden_size"] == TEXT["hidden_size"] and config["tie_word_embeddings"]
+
+
 # ------------------------------------------------------------------ the recurrence's forms
 
 

@@ -348,6 +348,11 @@ def hf_config(config: dict) -> dict:
         tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
         config = {**config, **text, "tie_word_embeddings": tied}
     config["model_type"] = "qwen3_5"
+    return _with_interval(config)
+
+
+def _with_interval(config: dict) -> dict:
+    """full_attention_interval beside layer_types where they follow one (for mlx-lm)."""
     types = config.get("layer_types") or []
     n = next((i + 1 for i, t in enumerate(types) if t == FULL), None)
     if n and types == [FULL if (i + 1) % n == 0 else LINEAR for i in range(len(types))]:
@@ -408,12 +413,12 @@ def gguf_config(meta, config: dict) -> dict:
     if sections := meta.get("rope.dimension_sections"):
         rope["mrope_section"] = [int(s) for s in list(sections)[:3]]
     rope.update(config.pop("rope_scaling", None) or {})
-    return {**config, "layer_types": layer_types, "rope_parameters": rope,
+    return _with_interval({**config, "layer_types": layer_types, "rope_parameters": rope,
             "linear_conv_kernel_dim": int(meta.need("ssm.conv_kernel")),
             "linear_key_head_dim": int(meta.need("ssm.state_size")),
             "linear_num_key_heads": int(meta.need("ssm.group_count")),
             "linear_num_value_heads": n_v,
-            "linear_value_head_dim": int(meta.need("ssm.inner_size")) // n_v}
+            "linear_value_head_dim": int(meta.need("ssm.inner_size")) // n_v})
 
 
 def _map_arrays(value, fn):

@@ -48,7 +48,7 @@ import numpy as np
 
 from edgert.bitpack import unpack_rows
 from edgert.coreml_manifest import (FUNCTIONS, MANIFEST_AUTHOR, MANIFEST_FORMAT,  # noqa: F401
-                                     MANIFEST_VERSION, STATES, manifest_path)
+                                     MANIFEST_VERSION, STATES, manifest_path, weights_sha256)
 from edgert.errors import EdgertError, UnsupportedError
 
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
@@ -585,11 +585,37 @@ def _chat_template(files: dict[str, bytes]) -> str | None:
     return None
 
 
+def package_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tokenizer files the package carries: the source's, plus a `tokenizer.json`
+    rebuilt from a SentencePiece `tokenizer.model` where the source has no tokenizer.json
+    (the Swift bridge reads tokenizer.json only)."""
+    if "tokenizer.json" in files or "tokenizer.model" not in files:
+        return dict(files)
+    from edgert.tokenizer import _sentencepiece_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "tokenizer.model"
+        model.write_bytes(files["tokenizer.model"])
+        tok, defaults = _sentencepiece_tokenizer(model)
+    # the model's BOS / EOS names and add_bos_token, which load_tokenizer takes from
+    # tokenizer.model itself, now go in the config: tokenizer.json is read first
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    return dict(files, **{"tokenizer.json": tok.to_str().encode(),
+                          "tokenizer_config.json": json.dumps(defaults | config).encode()})
+
+
 def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: str,
-                   summary: dict) -> dict:
-    """The contract a Swift app reads (also stored in the model's user-defined metadata)."""
+                   summary: dict, weights_digest: str | None = None) -> dict:
+    """The contract a Swift app reads (also stored in the model's user-defined metadata):
+    names and shapes of the functions, inputs, outputs and states, the tokens, the tokenizer
+    files, the chat template reduced to role prefixes / suffixes (`chat_format`, see
+    edgert.convert.chat_format) and the weights' SHA-256."""
+    from edgert import __version__
+
+    from .chat_format import chat_format_from_files
+
     cfg = canonical.config
-    files = canonical.tokenizer_files
+    files = package_tokenizer_files(canonical.tokenizer_files)
     gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
     eos = _token_ids(cfg.get("eos_token_id"))
     stop = sorted(set(eos) | set(_token_ids(gen.get("eos_token_id"))))
@@ -605,7 +631,8 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
                 {"name": "causal_mask", "shape": [1, 1, n, context], "dtype": "float16"},
             ],
             "outputs": [{"name": "logits", "shape": [1, 1, arch.vocab], "dtype": "float32"}],
-            "states": [{"name": s, "shape": cache, "dtype": "float16"} for s in STATES],
+            "states": [{"name": s, "shape": cache, "dtype": "float16", "kind": "kv_cache"}
+                       for s in STATES],
         }
 
     return {
@@ -629,7 +656,10 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
         "stop_token_ids": stop,
         "pad_token_id": cfg.get("pad_token_id"),
         "chat_template": _chat_template(files),
+        "chat_format": chat_format_from_files(files, _chat_template(files)),
         "tokenizer_files": [f"tokenizer/{n}" for n in sorted(files)],
+        "weights_sha256": weights_digest,
+        "edgert_version": __version__,
         "quantization": summary,
         "bits_per_weight": summary.get("bits_per_weight"),
         "source": {k: v for k, v in canonical.source.items() if isinstance(v, (str, int, float))},
@@ -754,10 +784,11 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
         if progress:
             progress("measuring bits per weight", 0, 0)
         tensors, summary = _tensor_report(pkg, weights, records)
-        manifest = build_manifest(canonical, arch, context, target, summary)
+        manifest = build_manifest(canonical, arch, context, target, summary,
+                                  weights_sha256(pkg))
         item = work / "edgert"
         (item / "tokenizer").mkdir(parents=True)
-        for name, data in canonical.tokenizer_files.items():
+        for name, data in package_tokenizer_files(canonical.tokenizer_files).items():
             (item / "tokenizer" / name).write_bytes(data)
         (item / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _add_item(pkg, item / "manifest.json", "manifest.json", "edgert manifest")

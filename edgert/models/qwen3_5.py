@@ -33,6 +33,7 @@ from .gated_delta import decay_and_rate, gated_delta, l2_normalize
 from .rope import initialize_rope
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+COREML_GRAPH = "hybrid"  # edgert.convert.coreml_hybrid
 LINEAR, FULL = "linear_attention", "full_attention"
 
 
@@ -387,6 +388,7 @@ GGUF_TENSORS = {
 GGUF_LEAVES = {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}
 _SHIFTED = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight",
             "q_norm.weight", "k_norm.weight")
+ZERO_CENTRED_NORMS = _SHIFTED  # the RMSNorms that scale by (1 + w) (all but linear_attn.norm)
 
 
 def gguf_config(meta, config: dict) -> dict:

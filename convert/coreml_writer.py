@@ -793,6 +793,14 @@ def state_bytes(arch: Arch, context: int) -> int:
     return sum(s.nbytes for s in arch.states(context))
 
 
+def _size(n: int) -> str:
+    """Bytes as the largest unit that keeps a digit before the point: '4.7 GiB', '5.5 KiB'."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
 def check_context(arch: Arch, context: int, target: str) -> None:
     """Refuse a context the model or the target cannot hold (one-line EdgertError)."""
     if context < 1:
@@ -803,13 +811,13 @@ def check_context(arch: Arch, context: int, target: str) -> None:
     limit = MAX_STATE_BYTES[target]
     fixed = state_bytes(arch, context) - kv_cache_bytes(arch, context)  # recurrent
     if fixed > limit:
-        raise EdgertError(f"the recurrent states need {fixed / 2**30:.1f} GiB, over the "
+        raise EdgertError(f"the recurrent states need {_size(fixed)}, over the "
                           f"{limit / 2**30:.0f} GiB of state a {target} package may hold "
                           f"(at any context)")
     kv = kv_cache_bytes(arch, context)
     if kv + fixed > limit:
         most = context * (limit - fixed) // kv
-        extra = f" (+ {fixed / 2**30:.1f} GiB recurrent)" if fixed else ""
+        extra = f" (+ {_size(fixed)} recurrent)" if fixed else ""
         raise EdgertError(f"context {context} needs a {kv / 2**30:.1f} GiB KV cache{extra}, "
                           f"over the {limit / 2**30:.0f} GiB a {target} package may hold: use "
                           f"--context {most} or less")
@@ -857,14 +865,17 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     if arch.n_heads % arch.n_kv_heads:
         raise UnsupportedError("Core ML export: attention heads not a multiple of KV heads")
 
+    # a module's model_name(name) maps package names to its model's (e.g. a VL wrapper's text)
+    rename = getattr(arch.module, "model_name", lambda n: n)
     weights, records = {}, {}
     for i, rec in enumerate(canonical.tensors(), 1):
-        if "rotary_emb.inv_freq" not in rec.name:
+        name = rename(rec.name)
+        if name is not None and "rotary_emb.inv_freq" not in name:
             v = rec.value
             enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
             # provenance only: keeping `rec` would keep its packed source codes (4 GB for an
             # 8B 4-bit model) alongside the encoded ones until the report is written
-            weights[rec.name], records[rec.name] = enc, {
+            weights[name], records[name] = enc, {
                 "source_name": rec.source_name, "source_type": rec.source_type,
                 "source_class": rec.mapping, "note": rec.note}
         if progress:

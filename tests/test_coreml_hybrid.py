@@ -113,6 +113,31 @@ def test_prefill_and_decode_match_mlx_engine(exported, case):
     assert worst < REL_TOL, f"max relative logit error {worst:.2e}"
 
 
+def test_engine_tokens_and_snapshots(exported):
+    """edgert's Core ML engine over the package (interpreter backend): the MLX engine's greedy
+    tokens; its cache cannot trim (recurrent states), and a snapshot restored after the prompt
+    gives the same continuation again."""
+    from edgert.coreml_engine import CoreMLModel
+    from edgert.generation import generate_step
+    from edgert.models.cache import restore, snapshot, trimmable
+
+    folder, pkg, _ = exported("vl-tied-q1")
+    coreml = CoreMLModel(pkg, backend="interpreter")
+    model, _ = load_model(folder)
+    prompt = mx.array(np.random.default_rng(3).integers(0, TEXT["vocab_size"], 11), mx.uint32)
+    ref = [t for t, _ in generate_step(prompt, model, max_tokens=8, prefill_step_size=4)]
+    cache = coreml.make_cache()
+    assert not trimmable(cache) and cache[0].trim(3) == 0
+    list(generate_step(prompt[:-1], coreml, max_tokens=1, prompt_cache=cache))
+    snap = snapshot(cache)  # after the prompt's first 10 tokens and one sampled token
+    assert cache[0].offset == 10
+    ours = [t for t, _ in generate_step(prompt[-1:], coreml, max_tokens=8, prompt_cache=cache)]
+    assert ours == ref
+    restore(cache, snap)
+    again = [t for t, _ in generate_step(prompt[-1:], coreml, max_tokens=8, prompt_cache=cache)]
+    assert again == ref
+
+
 def test_prefill_in_chunks_equals_one_prefill(exported):
     """The conv and delta states one prefill call leaves are what the next call continues."""
     _, pkg, _ = exported("text-untied-q4")

@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,8 @@ from edgert.bitpack import unpack_rows
 from edgert.coreml_manifest import (FUNCTIONS, MANIFEST_AUTHOR, MANIFEST_FORMAT,  # noqa: F401
                                      MANIFEST_VERSION, STATES, manifest_path, weights_sha256)
 from edgert.errors import EdgertError, UnsupportedError
+from edgert.paths import sweep_partials, temp_sibling
+from edgert.signals import raise_pending
 
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
 
@@ -831,6 +832,25 @@ def default_context(arch: Arch, target: str) -> int:
     return max(1, min(ctx, ctx * max(room, 0) // kv)) if kv else ctx
 
 
+def _stoppable(progress: Progress | None) -> Progress:
+    """`progress` that first re-raises a signal coremltools may have swallowed."""
+    def report(stage: str, done: int, total: int) -> None:
+        raise_pending()
+        if progress:
+            progress(stage, done, total)
+    return report
+
+
+def _work_folder(out: Path) -> Path:
+    """The temporary sibling of `out` the package is built in (stale ones swept first)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partials(out.parent)
+        return temp_sibling(out)
+    except OSError as e:
+        raise EdgertError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
+
+
 def check_output(out: Path, target: str, force: bool) -> None:
     """Refuse, in one line, an output path or target that cannot be written."""
     if out.suffix != ".mlpackage":
@@ -840,6 +860,9 @@ def check_output(out: Path, target: str, force: bool) -> None:
     if target not in TARGETS:
         raise UnsupportedError(f"Core ML export: target {target!r} "
                                f"(supported: {', '.join(TARGETS)})")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgertError(f"{out}: cannot write in {parent} (read-only or no permission)")
 
 
 def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = None,
@@ -859,6 +882,7 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     t0 = time.time()
     out = Path(out)
     check_output(out, target, force)
+    progress = _stoppable(progress)
     arch = Arch.from_config(canonical.config)
     context = default_context(arch, target) if context is None else int(context)
     check_context(arch, context, target)
@@ -888,12 +912,16 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
         raise EdgertError("the model has no lm_head.weight and does not tie embeddings")
     t_encode = time.time() - t0
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = _work_folder(out)
     try:
         t_convert = time.time()
         pkg = work / out.name
-        convert_multifunction(arch, weights, context, target, progress).save(str(pkg))
+        program = convert_multifunction(arch, weights, context, target, progress)
+        try:
+            program.save(str(pkg))
+        except RuntimeError as e:  # coremltools' MIL file writer: a full disk, for one
+            raise EdgertError(f"{out}: writing the Core ML package failed ({e}; is the disk "
+                              "full?); nothing was left behind") from None
         t_convert = time.time() - t_convert
 
         if progress:
@@ -910,9 +938,13 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
         _add_item(pkg, item / "tokenizer", "tokenizer", "tokenizer files")
         _set_metadata(pkg, manifest, canonical)
 
+        raise_pending()  # an interrupt coremltools swallowed still stops the commit
         if out.exists():  # --force: move the old package aside, deleted with `work`
             os.replace(out, work / "replaced")
         os.replace(pkg, out)
+    except OSError as e:
+        raise EdgertError(f"{out}: writing the Core ML package failed ({e.strerror or e}); "
+                          "nothing was left behind") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

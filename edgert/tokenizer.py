@@ -25,7 +25,25 @@ END_OF_GENERATION = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", 
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgertError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EdgertError(f"{path}: not a JSON object")
+    return data
+
+
+def check_text(text: str, what: str = "the prompt") -> str:
+    """`text` if it is valid Unicode; else one line saying where it is not (bytes that were not
+    UTF-8 reach Python as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgertError(f"{what} is not valid UTF-8 (character {e.start})") from None
+    return text
 
 
 def _token_str(v) -> str | None:
@@ -158,6 +176,7 @@ class Tokenizer:
         """Token ids for `text`. Special tokens written in the text become their ids; with
         `add_special_tokens` BOS goes in front when the tokenizer asks for it (not twice when
         the text already starts with it, as chat templates often do)."""
+        check_text(text)
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -239,7 +258,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     config = _read_json(path / "tokenizer_config.json")
     if (path / "tokenizer.json").is_file():
-        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EdgertError(f"{path / 'tokenizer.json'}: corrupt tokenizer ({reason})") from None
     elif (path / "tokenizer.model").is_file():
         tok, defaults = _sentencepiece_tokenizer(path / "tokenizer.model")
         config = defaults | config

@@ -153,9 +153,10 @@ def test_quantized_default_4bit(converted, tmp_path_factory):
     assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.6
 
 
-# mlx-lm places full attention every full_attention_interval (4) layers and ignores
-# layer_types: only configs whose layers follow that pattern are comparable.
-MLX_LM_COMPARABLE = ["vl-interval4"]
+# mlx-lm places full attention every full_attention_interval layers and ignores layer_types:
+# only configs whose layers follow such a pattern are comparable (the package then carries
+# the interval: qwen3_5.hf_config).
+MLX_LM_COMPARABLE = ["vl-interval4", "text-tied-yarn"]
 
 
 @pytest.mark.parametrize("bits", [0, None], ids=["float", "4-bit"])
@@ -171,6 +172,28 @@ def test_mlx_lm_loads_the_package(name, bits, tmp_path_factory):
     out = np.array(model(mx.array(IDS)))
     assert rel_err(out, ref) < 1e-4
     assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_vl_wrapper_leaves_the_vision_tower_out(tmp_path):
+    """`edgert convert` of the VL checkpoint: the text model only, said once; the package's
+    config is the flat text config (model_type qwen3_5, what mlx-lm and `edgert info` read)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    hf_qwen3_5("vl-tied", tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-m", "edgert", "convert", str(tmp_path / "hf"), "-o",
+                        str(tmp_path / "pkg")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if "left out" in line]
+    assert len(notes) == 1 and "model.visual" in notes[0]
+    with safe_open(str(tmp_path / "pkg" / "model.safetensors"), "np") as f:
+        names = list(f.keys())
+    assert names and not any("visual" in n for n in names)
+    config = json.loads((tmp_path / "pkg" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5" and "text_config" not in config
+    assert config["hidden_size"] == TEXT["hidden_size"] and config["tie_word_embeddings"]
 
 
 # ------------------------------------------------------------------ the recurrence's forms
@@ -498,3 +521,101 @@ def test_llama_cpp_peer_on_its_own_gguf(gguf_source, tmp_path):
     assert rel_err(ours, ref) < 1e-4
     assert rel_err(theirs, ref) < 1e-2
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def _gguf_of(kind: str, gguf_source, converter: Path, folder: Path) -> Path:
+    """The test model as a GGUF of `kind`: f32 / f16 / q8_0 from llama.cpp's converter, other
+    types (Q4_0, Q4_K_M) by llama-quantize from the f32 file."""
+    import subprocess
+
+    from testdata import data_file
+
+    _, hf_folder, f32 = gguf_source
+    if kind == "f32":
+        return f32
+    if kind in ("f16", "q8_0"):
+        return llama_cpp_gguf(converter, hf_folder, folder / f"{kind}.gguf", kind)
+    out = folder / f"{kind}.gguf"
+    quantize = data_file("llama.cpp/bin/llama-quantize")
+    r = subprocess.run([str(quantize), str(f32), str(out), kind], capture_output=True, text=True,
+                       env={"LD_LIBRARY_PATH": str(data_file("llama.cpp/lib/libllama.so").parent)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _dequantized_hf(hf, path: Path):
+    """A copy of the transformers model holding the GGUF's weights as gguf-py dequantizes
+    them (in HF's convention through the qwen3_5 module's transforms, checked above)."""
+    import copy
+
+    import gguf
+
+    from edgert.models import qwen3_5
+
+    config = hf.config.to_dict()
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        layer, _, rest = t.name.removeprefix("blk.").partition(".")
+        part, _, kind = rest.rpartition(".")
+        if t.name.startswith("blk."):
+            leaf = qwen3_5.GGUF_LEAVES.get(rest) or f"{qwen3_5.GGUF_TENSORS[part]}.{kind}"
+            name = f"model.layers.{layer}.{leaf}"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output.weight":
+                    "lm_head.weight", "output_norm.weight": "model.norm.weight"}[t.name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape.tolist()[::-1])
+        state[name] = torch.tensor(qwen3_5.gguf_transform(name, w.astype(np.float32), config))
+    model = copy.deepcopy(hf)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0", "Q4_0", "Q4_K_M"])
+def test_gguf_logits_match_transformers(kind, gguf_source, llama_cpp_converter, tmp_path):
+    """edgert converts llama.cpp's qwen35 GGUFs: its logits equal transformers' on the weights
+    the file holds (gguf-py's dequantization) within 1e-4; every type here maps exactly."""
+    hf = gguf_source[0]
+    path = _gguf_of(kind, gguf_source, llama_cpp_converter, tmp_path)
+    model, config = load_model(convert_file(path, tmp_path / "pkg", progress=False))
+    assert config["layer_types"] == CONFIGS["text-irregular-untied"][1]["layer_types"]
+    ids = IDS[:, :60] % hf.config.vocab_size
+    ref = hf_logits(_dequantized_hf(hf, path), ids)
+    out = np.array(model(mx.array(ids)))
+    assert rel_err(out, ref) < 1e-4
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_llama_cpp_peer_on_gguf(kind, gguf_source, llama_cpp_converter, tmp_path):
+    """llama.cpp on its own GGUF and edgert on the package converted from that GGUF: top-1
+    identical at every position."""
+    hf = gguf_source[0]
+    path = _gguf_of(kind, gguf_source, llama_cpp_converter, tmp_path)
+    ids = [int(i) for i in IDS[0, :60] % hf.config.vocab_size]
+    theirs = llama_cpp_logits(path, ids)
+    model, _ = load_model(convert_file(path, tmp_path / "pkg", progress=False))
+    ours = np.array(model(mx.array([ids])))[0]
+    # llama.cpp: float16 KV cache; on q8_0 also 8-bit activations (measured 2.3e-4 / 1.1e-2)
+    assert rel_err(ours, theirs) < {"f32": 1e-3, "q8_0": 3e-2}[kind]
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_gguf_without_recurrent_layer_metadata(gguf_source, llama_cpp_converter, tmp_path):
+    """A qwen35 GGUF with neither attention.recurrent_layers nor full_attention_interval
+    (removed with gguf-py's gguf_new_metadata.py): one-line error, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    path, out = gguf_source[2], tmp_path / "stripped.gguf"
+    script = llama_cpp_converter / "gguf-py/gguf/scripts/gguf_new_metadata.py"
+    r = subprocess.run([sys.executable, str(script), str(path), str(out), "--force",
+                        "--remove-metadata", "qwen35.attention.recurrent_layers",
+                        "--remove-metadata", "qwen35.full_attention_interval"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(llama_cpp_converter / "gguf-py")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    with pytest.raises(EdgertError) as e:
+        convert_file(out, tmp_path / "pkg", progress=False)
+    assert "recurrent_layers" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "pkg").exists()

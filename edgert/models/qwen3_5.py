@@ -346,20 +346,25 @@ def hf_name(name: str, config: dict) -> str | None:
 
 
 def hf_config(config: dict) -> dict:
-    """The package's config: as the checkpoint's, but a text-only checkpoint is stored as
-    model_type "qwen3_5" (mlx-lm has no "qwen3_5_text"; it reads a flat qwen3_5 config as the
-    text model), and periodic layer_types also as full_attention_interval (which is all
-    mlx-lm reads of them)."""
+    """The package's config, flat and as mlx-lm reads it: a VL wrapper's text_config becomes
+    the config (the vision config goes with the vision tower; the wrapper's
+    tie_word_embeddings governs), model_type "qwen3_5" (mlx-lm has no "qwen3_5_text"), and
+    periodic layer_types also as full_attention_interval (all that mlx-lm reads of them)."""
     config = dict(config)
-    if config.get("model_type") == "qwen3_5_text":
-        config["model_type"] = "qwen3_5"
-    text = config
-    if isinstance(config.get("text_config"), dict):
-        text = config["text_config"] = dict(config["text_config"])
-    types = text.get("layer_types") or []
+    if isinstance(text := config.pop("text_config", None), dict):
+        config.pop("vision_config", None)
+        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+        config = {**config, **text, "tie_word_embeddings": tied}
+    config["model_type"] = "qwen3_5"
+    return _with_interval(config)
+
+
+def _with_interval(config: dict) -> dict:
+    """full_attention_interval beside layer_types where they follow one (for mlx-lm)."""
+    types = config.get("layer_types") or []
     n = next((i + 1 for i, t in enumerate(types) if t == FULL), None)
     if n and types == [FULL if (i + 1) % n == 0 else LINEAR for i in range(len(types))]:
-        text["full_attention_interval"] = n
+        config["full_attention_interval"] = n
     return config
 
 
@@ -417,12 +422,12 @@ def gguf_config(meta, config: dict) -> dict:
     if sections := meta.get("rope.dimension_sections"):
         rope["mrope_section"] = [int(s) for s in list(sections)[:3]]
     rope.update(config.pop("rope_scaling", None) or {})
-    return {**config, "layer_types": layer_types, "rope_parameters": rope,
+    return _with_interval({**config, "layer_types": layer_types, "rope_parameters": rope,
             "linear_conv_kernel_dim": int(meta.need("ssm.conv_kernel")),
             "linear_key_head_dim": int(meta.need("ssm.state_size")),
             "linear_num_key_heads": int(meta.need("ssm.group_count")),
             "linear_num_value_heads": n_v,
-            "linear_value_head_dim": int(meta.need("ssm.inner_size")) // n_v}
+            "linear_value_head_dim": int(meta.need("ssm.inner_size")) // n_v})
 
 
 def _map_arrays(value, fn):

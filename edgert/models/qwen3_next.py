@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from ..errors import UnsupportedError
 from . import qwen3_5
-from .qwen3_5 import hf_config, hf_name, quant_policy  # noqa: F401 (the same HF reader hooks)
+from .qwen3_5 import hf_name, quant_policy  # noqa: F401 (the same HF reader hooks)
 
 MODEL_TYPES = ("qwen3_next",)
 

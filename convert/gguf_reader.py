@@ -233,6 +233,25 @@ class GGUFMeta:
     def has_tensor(self, name: str) -> bool:
         return name in self.tensor_names
 
+    def _tensor(self, name: str):
+        t = next((t for t in self.reader.tensors if t.name == name), None)
+        if t is None:
+            raise EdgertError(f"missing tensor {name}")
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in numpy order."""
+        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A (small) tensor's values as float32 (gguf-py's dequantization)."""
+        return _dequantized(self._tensor(name), self.shape(name))
+
+
+def _first(value):
+    """A per-layer metadata array's first value (the architecture reads the rest)."""
+    return value[0] if isinstance(value, list) and value else value
+
 
 def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     """config.json fields for the GGUF's architecture: the llama-shaped keys every llama.cpp
@@ -243,14 +262,15 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     module = for_gguf(arch)
     spec, m = module.GGUF, GGUFMeta(reader, tensor_names, arch)
     hidden, heads = int(m.need("embedding_length")), int(m.need("attention.head_count"))
-    kv_heads = int(m.get("attention.head_count_kv", heads))
+    kv_heads = int(_first(m.get("attention.head_count_kv", heads)))
     head_dim = int(m.get("attention.key_length", hidden // max(heads, 1)))
     vocab = m.get("vocab_size") or len(m.raw("tokenizer.ggml.tokens", []))
     config = {
         "architectures": [spec.hf_class],
         "model_type": module.MODEL_TYPES[0],
         "hidden_size": hidden,
-        "intermediate_size": int(m.need("feed_forward_length")),
+        "intermediate_size": int(_first(m.get("feed_forward_length"))
+                                 or m.need("feed_forward_length")),
         "num_hidden_layers": int(m.need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -291,9 +311,14 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     from edgert.models import architecture
 
     spec = architecture(model_type).GGUF
+    layer, _, leaf = gguf_name.removeprefix("blk.").partition(".")
+    if gguf_name.startswith("blk.") and leaf in spec.leaves:
+        return f"model.layers.{layer}.{spec.leaves[leaf]}"
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
         names = spec.tensors
+        if part in spec.parameters and kind == "weight":
+            return f"model.layers.{layer}.{spec.parameters[part]}"
         return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
     stem, _, kind = gguf_name.rpartition(".")
     if stem in spec.global_tensors and kind in ("weight", "bias"):
@@ -416,7 +441,7 @@ def _wants_change(want: dict | None, value) -> bool:
 def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = None,
               overrides: dict[str, dict] | None = None, requantize: bool = False,
               scale_dtype: str = "float16") -> CanonicalModel:
-    """Read a GGUF file (llama, qwen2, qwen3) as a CanonicalModel with HF names.
+    """Read a GGUF file (an architecture with a GGUF spec) as a CanonicalModel with HF names.
 
     Tensor types map onto MLX exactly where they can (convert/gguf_types.py); `bits`,
     `group_size` and `overrides` (module path or fnmatch pattern -> {"bits", "group_size"})
@@ -437,6 +462,10 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         from edgert.models import architecture
 
         spec = architecture(arch).GGUF
+        try:  # a config the architecture cannot be built from fails here, before any write
+            architecture(arch).ModelArgs.from_dict(config)
+        except TypeError as e:
+            raise EdgertError(f"config derived from the metadata: {e}") from None
         kept = [t for t in reader.tensors if t.name not in SKIPPED]
         for t in kept:
             if hf_name(t.name, arch) is None:
@@ -452,7 +481,9 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
             if spec.validate is not None:
                 spec.validate(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), config)
         note = ""
-        if "rope_freqs.weight" in names:
+        if "rope_freqs.weight" in names and "rope_parameters" in config:
+            note = "rope_freqs tensor skipped: the architecture read it into rope_parameters"
+        elif "rope_freqs.weight" in names:
             freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
             note = "rope_freqs tensor skipped: all factors 1"
             if (scaling := llama3_scaling(freqs, config["rope_theta"], config["head_dim"])):

@@ -11,10 +11,12 @@ from pathlib import Path
 from .errors import EdgertError, UnsupportedError
 
 MANIFEST_FORMAT = "edgert-coreml"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: chat_format, weights_sha256, a kind per state; reads 1 too
 MANIFEST_AUTHOR = "com.edgert"  # package items live in <pkg>/Data/com.edgert/
 FUNCTIONS = ("prefill", "decode")
 STATES = ("key_cache", "value_cache")
+STATE_KINDS = ("kv_cache", "recurrent")  # positional (rewindable) or carried forward
+WEIGHTS = ("Data", "com.apple.CoreML", "weights")  # weight files, hashed into weights_sha256
 # Fields a runtime needs, as paths into the manifest, each a positive integer or a number.
 REQUIRED = {("context_length",): int, ("vocab_size",): int,
             ("functions", "prefill", "max_length"): int, ("causal_mask", "masked_value"): float}
@@ -25,6 +27,19 @@ def manifest_path(pkg: Path) -> Path:
     package root: there, `manifest.json` and Core ML's own `Manifest.json` collide on
     case-insensitive file systems (macOS default)."""
     return Path(pkg) / "Data" / MANIFEST_AUTHOR / "manifest.json"
+
+
+def weights_sha256(pkg: Path) -> str:
+    """SHA-256 (hex) of the package's weight files (weights/*.bin, by name), the key under
+    which the Swift bridge caches the compiled model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(pkg).joinpath(*WEIGHTS).glob("*.bin")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_manifest(pkg: Path) -> dict:

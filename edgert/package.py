@@ -26,8 +26,9 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(path.glob("model*.safetensors"))
+def load_weights(path: Path, exclude: tuple[str, ...] = ()) -> dict[str, mx.array]:
+    """The package's weights (lazily); `exclude` names files the model maps itself."""
+    files = sorted(f for f in path.glob("model*.safetensors") if f.name not in exclude)
     if not files:
         raise EdgertError(f"{path} has no model*.safetensors")
     weights: dict[str, mx.array] = {}
@@ -103,9 +104,11 @@ def load_model(path: str | Path, lazy: bool = False,
     bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
-    weights = load_weights(path)  # lazy: headers only until evaluated
+    model_cls, args_cls = get_classes(config.get("model_type"))
+    # files the model maps itself (Gemma 4's PLE table) are not loaded as weights
+    own_files = tuple(getattr(model_cls, "package_files", {}).values())
+    weights = load_weights(path, exclude=own_files)  # lazy: headers only until evaluated
     check_package(path, config, weights)
-    model_cls, args_cls = get_classes(config["model_type"])
     try:
         args = args_cls.from_dict(config)
     except TypeError as e:
@@ -125,6 +128,8 @@ def load_model(path: str | Path, lazy: bool = False,
     from .layers import swap_layers
 
     swap_layers(model, weights, config)  # GPTQ act-order inputs, BitNet linear layers
+    if own_files:  # tables looked up from a memory-mapped file (Gemma 4's PLE)
+        model.map_files(path, config, weights)
     if (problem := mismatch(model, weights)) is not None:
         raise EdgertError(f"{path}: weights do not match the config: {problem}")
     try:

@@ -193,35 +193,7 @@ class Tokenizer:
 
     @cached_property
     def _template(self):
-        from jinja2 import nodes
-        from jinja2.exceptions import TemplateError
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class Generation(Extension):  # transformers' {% generation %} marks; no-op when rendering
-            tags = {"generation"}
-
-            def parse(self, parser) -> list[nodes.Node]:
-                next(parser.stream)
-                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-        def raise_exception(message: str):
-            raise TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                              separators=separators, sort_keys=sort_keys)
-
-        # As transformers renders chat templates: sandboxed, trim_blocks and lstrip_blocks.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[Generation, loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise EdgertError(f"chat template does not parse: {e}") from None
+        return compile_chat_template(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> str:
@@ -230,14 +202,55 @@ class Tokenizer:
         if self.chat_template is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
-        from jinja2.exceptions import TemplateError
+        return render_chat_template(self._template, messages, add_generation_prompt,
+                                    self._special_names, **kwargs)
 
-        variables = {"tools": None, "documents": None, **self._special_names, **kwargs}
-        try:
-            return self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt, **variables)
-        except TemplateError as e:
-            raise EdgertError(f"chat template: {e}") from None
+
+
+def compile_chat_template(template: str):
+    """A chat template compiled as transformers renders it: jinja2 sandboxed, trim_blocks and
+    lstrip_blocks, `{% generation %}` marks, `raise_exception`, `tojson`, `strftime_now`."""
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # transformers' {% generation %} marks; no-op when rendering
+        tags = {"generation"}
+
+        def parse(self, parser) -> list[nodes.Node]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise EdgertError(f"chat template does not parse: {e}") from None
+
+
+def render_chat_template(compiled, messages: list[dict], add_generation_prompt: bool,
+                         special_names: dict, **kwargs) -> str:
+    """Render a compiled chat template; `special_names` are bos_token, eos_token, ..."""
+    from jinja2.exceptions import TemplateError
+
+    variables = {"tools": None, "documents": None, **special_names, **kwargs}
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **variables)
+    except TemplateError as e:
+        raise EdgertError(f"chat template: {e}") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

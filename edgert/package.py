@@ -124,7 +124,11 @@ def load_model(path: str | Path, lazy: bool = False,
         from .probe import widen_for_device
 
         q = widen_for_device(q, weights)  # layouts this device cannot run, widened losslessly
-        apply_quantization(model, q, weights)
+        try:
+            apply_quantization(model, q, weights)
+        except ValueError as e:  # layers sized from the config that its layout cannot split
+            raise EdgertError(f"{path}: config.json does not match the weights "
+                              f"({str(e).splitlines()[0]})") from None
     from .layers import swap_layers
 
     swap_layers(model, weights, config)  # GPTQ act-order inputs, BitNet linear layers

@@ -34,7 +34,7 @@ def supported() -> tuple[str, ...]:
 
 def architecture(model_type: str | None) -> ModuleType:
     """The module of an HF model_type; UnsupportedError naming the supported ones."""
-    module = _by_model_type().get(model_type)
+    module = _by_model_type().get(model_type) if isinstance(model_type, str) else None
     if module is None:
         raise UnsupportedError(
             f"unknown architecture {model_type!r} (supported: {', '.join(supported())})")

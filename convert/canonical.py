@@ -61,6 +61,8 @@ class TensorRecord:
             "max_abs_error": float(self.max_abs_error),
             "bits_per_weight": round(8.0 * v.nbytes / max(n, 1), 4),
         }
+        if len(self.shape) == 3:  # routed experts, reported stacked
+            entry["layout"] = "stacked experts (E, out, in)"
         if isinstance(v, QuantTensor):
             entry.update(bits=v.bits, group_size=v.group_size, mode=v.mode,
                          scale_dtype=str(v.scales.dtype))

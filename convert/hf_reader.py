@@ -19,6 +19,7 @@ for bits. Tensors stream one at a time from memory-mapped files.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
                           SCALE_DTYPES, QuantTensor, dequantize, mx_dequantize, quantize_float)
 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
-                        TensorRecord)
+                        TensorRecord, worse_error)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_moe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -56,13 +57,16 @@ class TensorRef:
     shape: tuple[int, ...]
     offset: int  # byte offset of the data in the file
 
-    def load(self) -> np.ndarray:
-        """The tensor in memory; BF16 is widened (exactly) to float32, which numpy can hold."""
+    def load(self, index: int | None = None) -> np.ndarray:
+        """The tensor in memory (only `[index]` along the first axis, if given: one expert of
+        a stacked tensor); BF16 is widened (exactly) to float32, which numpy can hold."""
         if self.dtype not in _NP_DTYPES:
             raise UnsupportedError(f"safetensors dtype {self.dtype} in {self.file.name}")
         n = int(np.prod(self.shape))
         a = np.memmap(self.file, dtype=_NP_DTYPES[self.dtype], mode="r", offset=self.offset,
                       shape=(n,)).reshape(self.shape)
+        if index is not None:
+            a = a[index]
         if self.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         return np.array(a)
@@ -223,6 +227,13 @@ class Request:
             if o.get("group_size") not in (None, *MLX_GROUPS):
                 raise EdgertError(f"group_size{where} must be one of {MLX_GROUPS}")
 
+    def override(self, module: str) -> dict | None:
+        """The per-module override matching `module` (path or pattern), or None."""
+        o = self.overrides.get(module)
+        if o is None:
+            o = next((v for k, v in self.overrides.items() if fnmatch.fnmatchcase(module, k)), None)
+        return o
+
     def get(self, module: str) -> dict | None:
         """{"bits", "group_size"} asked for `module` (values may be None); None if nothing was."""
         o = self.overrides.get(module)
@@ -366,6 +377,138 @@ def _mlx_step(module: str, refs: dict[str, TensorRef], quant: dict, want: dict |
     return [name], copy
 
 
+# ------------------------------------------------------------------ stacked experts (MoE)
+
+
+@dataclass
+class ExpertStack:
+    """One (E, out, in) package tensor gathered from E per-expert source tensors or cut from
+    a fused one; read one expert at a time, so at most one tensor's experts are in memory."""
+
+    name: str  # package name, e.g. model.layers.0.mlp.switch_mlp.up_proj.weight
+    source_name: str  # e.g. model.layers.0.mlp.experts.{0..7}.up_proj.weight
+    source_type: str  # the sources' safetensors dtype
+    shape: tuple[int, int, int]  # (E, out, in)
+    load: Callable[[int], np.ndarray]  # expert e -> (out, in)
+
+
+def expert_stacks(refs: dict[str, TensorRef], arch,
+                  config: dict) -> tuple[dict[str, ExpertStack], set[str]]:
+    """The stacked tensors an architecture module declares (`hf_stack(name, config)` ->
+    (package name, expert) for per-expert tensors; `hf_fused(name, config)` -> (package
+    names, split) for fused (E, a, b) ones), keyed by the first source name they consume,
+    and the source names consumed. One-line errors for experts missing, numbered out of order or of different shapes."""
+    stack, fused = getattr(arch, "hf_stack", None), getattr(arch, "hf_fused", None)
+    groups: dict[str, dict[int, str]] = {}
+    out: dict[str, ExpertStack] = {}
+    consumed: set[str] = set()
+    for name, ref in refs.items():
+        if stack is not None and (hit := stack(name, config)) is not None:
+            groups.setdefault(hit[0], {})[hit[1]] = name
+        elif fused is not None and (hit := fused(name, config)) is not None:
+            out.update(_fused_stacks(name, ref, *hit))
+        else:
+            continue
+        consumed.add(name)
+    for target, by_expert in groups.items():
+        names = [by_expert[e] for e in sorted(by_expert)]
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise EdgertError(f"{target}: the checkpoint's experts are {sorted(by_expert)}, "
+                              f"not 0..{len(by_expert) - 1}")
+        shapes = {refs[n].shape for n in names}
+        if len(shapes) > 1 or len(next(iter(shapes))) != 2:
+            odd = next(n for n in names if refs[n].shape != refs[names[0]].shape)
+            raise EdgertError(f"{target}: expert tensors of mismatched shapes ({names[0]} "
+                              f"{list(refs[names[0]].shape)}, {odd} {list(refs[odd].shape)})")
+        out[names[0]] = ExpertStack(
+            target, _expert_pattern(names), refs[names[0]].dtype,
+            (len(names), *refs[names[0]].shape), lambda e, names=names: refs[names[e]].load())
+    return out, consumed
+
+
+def _fused_stacks(name: str, ref: TensorRef, targets: list[str], split) -> dict:
+    """The parts of a fused (E, a, b) tensor, each (E, out, in), keyed name, name#1, ..."""
+    if len(ref.shape) != 3:
+        raise EdgertError(f"{name}: fused experts of shape {list(ref.shape)} (expected 3-D)")
+    dummy = np.broadcast_to(np.zeros((), np.float32), (1, *ref.shape[1:]))
+    shapes = [p.shape[1:] for p in split(dummy)]
+    return {name if j == 0 else f"{name}#{j}": ExpertStack(
+        t, name, ref.dtype, (ref.shape[0], *shape),
+        lambda e, j=j: np.ascontiguousarray(split(ref.load(e)[None])[j][0]))
+        for j, (t, shape) in enumerate(zip(targets, shapes))}
+
+
+def _expert_pattern(names: list[str]) -> str:
+    """model.layers.0.mlp.experts.{0..7}.up_proj.weight for the report."""
+    if len(names) == 1:
+        return names[0]
+    parts = names[0].split(".")
+    i = next(i for i, (a, b) in enumerate(zip(parts, names[1].split("."))) if a != b)
+    parts[i] = f"{{0..{len(names) - 1}}}"
+    return ".".join(parts)
+
+
+def stack_quantized(parts: list[QuantTensor]) -> QuantTensor:
+    """Per-expert (out, in) quantized tensors -> one (E, out, in); float32 scales for all if
+    any expert needed them (exact widening of the others)."""
+    dt = np.float32 if any(p.scales.dtype == np.float32 for p in parts) else parts[0].scales.dtype
+    return QuantTensor(np.stack([p.w_q for p in parts]),
+                       np.stack([p.scales.astype(dt) for p in parts]),
+                       np.stack([p.biases.astype(dt) for p in parts]),
+                       parts[0].bits, parts[0].group_size)
+
+
+def _stack_records(stack: ExpertStack, want: dict | None, scale_dtype: str,
+                   quantize: bool) -> list[TensorRecord]:
+    """Each expert quantized as asked (default 4-bit g64) with the same layout, then stacked;
+    or the float experts stacked."""
+    bits = DEFAULT_BITS if want is None or want["bits"] is None else want["bits"]
+    group = DEFAULT_GROUP if want is None or want["group_size"] is None else want["group_size"]
+    E, cols = stack.shape[0], stack.shape[2]
+    note = f"{E} experts stacked (E, out, in)"
+    reference = lambda: np.stack([np.asarray(stack.load(e), np.float32) for e in range(E)])
+    if not quantize or bits == 0 or cols % group:
+        if quantize and bits != 0:
+            note += f"; kept float: {cols} columns, group {group}"
+        return [TensorRecord(stack.name, np.stack([stack.load(e) for e in range(E)]),
+                             stack.source_name, stack.source_type, FLOAT, note=note)]
+    parts, err = [], 0.0
+    for e in range(E):
+        t, e_err = quantize_float(stack.load(e), bits, group, scale_dtype)
+        parts.append(t)
+        err = worse_error(err, e_err)
+    return [TensorRecord(stack.name, stack_quantized(parts), stack.source_name,
+                         stack.source_type, REQUANTIZED, err, note=note, reference=reference)]
+
+
+def check_against_model(arch, config: dict, planned: dict[str, tuple]) -> None:
+    """Compare the tensors a conversion will write with the parameters of the architecture's
+    model built from `config` (lazily: nothing is allocated), one line per problem kind:
+    the expert count, a tensor missing (e.g. a router), an unexpected one, a shape."""
+    from mlx.utils import tree_flatten
+
+    try:
+        args = arch.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"config.json: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(arch.Model(args).parameters())}
+    for name, shape in planned.items():
+        want = expected.get(name)
+        if want is None:
+            raise EdgertError(f"{name}: in the checkpoint, but not in a {config['model_type']} "
+                              "model of this config.json")
+        if len(want) == 3 and len(shape) == 3 and want[1:] == shape[1:] and want != shape:
+            raise EdgertError(f"{name}: {shape[0]} experts in the checkpoint, config.json "
+                              f"says {want[0]}")
+        if want != tuple(shape):
+            raise EdgertError(f"{name}: shape {list(shape)} in the checkpoint, {list(want)} "
+                              "from config.json")
+    missing = sorted(set(expected) - set(planned))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EdgertError(f"the checkpoint has no {missing[0]}{more}")
+
+
 # ------------------------------------------------------------------ the folder
 
 
@@ -419,6 +562,8 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
             f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
+    arch = _architecture(model_type)
+    config = getattr(arch, "hf_config", lambda c: c)(config)
     kind = source_kind(qcfg, mlx_quant)
     request = Request(bits, group_size, dict(overrides or {}))
     refs = safetensors_index(path)
@@ -429,7 +574,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
             "multiply" if qcfg.get("linear_class") == "autobitlinear" else "divide")}
 
     steps = _plan(refs, kind, qcfg if kind != "mlx" else mlx_quant, request, scale_dtype,
-                  bool(config.get("tie_word_embeddings")))
+                  bool(config.get("tie_word_embeddings")), arch, config)
     tokenizer_files = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
     return CanonicalModel(
         config=config,
@@ -441,9 +586,34 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     )
 
 
+def _architecture(model_type: str):
+    """The edgert.models module of an HF model_type."""
+    from edgert.models import MODEL_REMAPPING
+
+    return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+
+
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
-          scale_dtype: str, tied: bool) -> list[Step]:
-    """One step per output tensor (or per quantized module), in the checkpoint's name order."""
+          scale_dtype: str, tied: bool, arch=None, config: dict | None = None) -> list[Step]:
+    """One step per output tensor (or per quantized module), in the checkpoint's name order.
+    Experts the architecture stacks (`expert_stacks`) make one step per stacked tensor; a
+    float source planned with them is checked against the model first (check_against_model)."""
+    config = config or {}
+    stacks, consumed = expert_stacks(refs, arch, config) if arch is not None else ({}, set())
+    policy = getattr(arch, "quant_policy", None) if kind == "float" else None
+
+    def want_for(module: str, name: str, shape: tuple) -> dict | None:
+        """The caller's override, else the architecture's policy (routers at 8 bits), else
+        the caller's defaults."""
+        p = None if request.override(module) is not None or request.bits == 0 else (
+            policy(name, shape, config) if policy is not None else None)
+        if p is False:
+            return {"bits": 0, "group_size": None}
+        if isinstance(p, dict):
+            return {"bits": p.get("bits", request.bits),
+                    "group_size": p.get("group_size", request.group_size)}
+        return request.get(module)
+
     owned: dict[str, str] = {}  # source tensor name -> module that consumes it
     for name in refs:
         module, _, leaf = name.rpartition(".")
@@ -455,10 +625,20 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
             owned |= {f"{module}.{x}": module for x in ("weight", "scales", "biases")}
 
     steps, done = [], set()
+    planned: dict[str, tuple] = {}
     for name, ref in refs.items():
         module, _, leaf = name.rpartition(".")
         if name.endswith("rotary_emb.inv_freq") or (tied and name.startswith("lm_head.")):
             continue
+        if name in consumed:
+            for key in (k for k in (name, *(f"{name}#{j}" for j in range(1, 8))) if k in stacks):
+                st = stacks[key]
+                want = want_for(st.name.removesuffix(".weight"), st.name, st.shape)
+                steps.append(([st.name], lambda st=st, want=want: _stack_records(
+                    st, want, scale_dtype, kind == "float" or want is not None)))
+                planned[st.name] = st.shape
+            continue
+        planned[name] = ref.shape
         if name in owned:
             module = owned[name]
             if module in done:
@@ -472,7 +652,7 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
             else:
                 steps.append(_zero_point_step(module, refs, kind, qcfg, want, scale_dtype))
             continue
-        want = request.get(module)
+        want = want_for(module, name, ref.shape)
         quantizable = (leaf == "weight" and len(ref.shape) == 2
                        and ref.dtype in ("F32", "F16", "BF16"))
         if quantizable and (kind == "float" or want is not None):
@@ -480,4 +660,6 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
                 name, ref.load(), name, ref.dtype, want, scale_dtype)))
         else:
             steps.append(([name], lambda name=name, ref=ref: [_float_record(name, ref)]))
+    if stacks and kind == "float":
+        check_against_model(arch, config, planned)
     return steps

@@ -22,6 +22,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from edgert.convert.api import convert_file
+from edgert.generation import generate_step
 from edgert.models.cache import make_cache
 from edgert.package import load_model
 from test_cli import assert_one_line_error, run
@@ -114,6 +115,9 @@ def test_cached_decode_and_sorting(moe, tmp_path):
         set_sorting(ours, False)
         assert rel_err(logits(ours), sorted_) < 1e-6
         assert rel_err(sorted_, full) < 1e-6  # the default (sorted: 80 pairs >= 64) too
+        runs = [[int(t) for t, _ in generate_step(mx.array(IDS[0, :8]), ours, max_tokens=12,
+                                                  compiled=c)] for c in (True, False)]
+        assert runs[0] == runs[1]  # the compiled decode step routes the same
 
 
 def dequantized_state(model, package: Path) -> dict[str, np.ndarray]:

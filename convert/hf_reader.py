@@ -37,7 +37,8 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         TensorRecord, worse_error)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_5",
+                 "qwen3_5_text", "qwen3_moe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -560,6 +561,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     if model_type not in ARCHITECTURES:
         raise UnsupportedError(
             f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    _check_config(path, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     arch = _architecture(model_type)
@@ -591,6 +593,17 @@ def _architecture(model_type: str):
     from edgert.models import MODEL_REMAPPING
 
     return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Build the architecture's arguments once, so that a config it cannot run from fails
+    here, before anything is written (one-line EdgertError)."""
+    from edgert.models import get_classes
+
+    try:
+        get_classes(config["model_type"])[1].from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
 
 
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,

@@ -7,8 +7,10 @@ import importlib
 from ..errors import UnsupportedError
 
 # HF model_type -> module name, where they differ.
-MODEL_REMAPPING = {"mistral": "llama", "smollm": "llama", "gemma3_text": "gemma3"}
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "bitnet", "gemma3_text", "qwen3_moe")
+MODEL_REMAPPING = {"mistral": "llama", "smollm": "llama", "gemma3_text": "gemma3",
+                   "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "bitnet", "gemma3_text", "qwen3_5",
+             "qwen3_5_text", "qwen3_moe")
 
 
 def get_classes(model_type: str):

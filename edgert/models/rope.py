@@ -1,4 +1,4 @@
-"""Rotary position embeddings, including Llama 3's frequency scaling."""
+"""Rotary position embeddings, including Llama 3's and YaRN's frequency scaling."""
 
 from __future__ import annotations
 
@@ -33,6 +33,52 @@ class Llama3RoPE(nn.Module):
                             offset=offset, freqs=self._freqs)
 
 
+class YarnRoPE(nn.Module):
+    """RoPE with YaRN scaling (HF rope_type "yarn", as transformers' _compute_yarn_parameters):
+    frequencies blend interpolated (/ factor) and original ones over a ramp between the
+    dimensions that turn beta_fast and beta_slow times in the original context; the rotated
+    part of queries and keys is scaled by the attention factor (0.1 ln(factor) + 1 by default)."""
+
+    def __init__(self, dims: int, base: float, scaling: dict,
+                 max_position_embeddings: int | None = None):
+        super().__init__()
+        self.dims = dims
+        old_ctx = scaling.get("original_max_position_embeddings") or max_position_embeddings
+        factor = scaling.get("factor") or max_position_embeddings / old_ctx
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        self.attention_factor = float(attn)
+
+        def correction_dim(rotations: float) -> float:
+            return dims * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = correction_dim(scaling.get("beta_fast") or 32)
+        high = correction_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dims - 1)
+        if low == high:
+            high += 0.001
+        ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+        extrapolate = 1 - ramp  # (dims/2,) weight of the original frequency
+        inv_freq = 1.0 / base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+        self._freqs = 1.0 / inv_freq
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if self.attention_factor != 1.0:
+            x = mx.concatenate([x[..., : self.dims] * self.attention_factor, x[..., self.dims:]],
+                               axis=-1)
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,
+                            offset=offset, freqs=self._freqs)
+
+
 def initialize_rope(dims: int, base: float, traditional: bool = False,
                     scaling: dict | None = None, max_position_embeddings: int | None = None):
     """The RoPE module an HF config asks for."""
@@ -43,6 +89,8 @@ def initialize_rope(dims: int, base: float, traditional: bool = False,
         return nn.RoPE(dims, traditional=traditional, base=base, scale=1 / scaling["factor"])
     if rope_type == "llama3":
         return Llama3RoPE(dims, base, scaling)
+    if rope_type == "yarn":
+        return YarnRoPE(dims, base, scaling, max_position_embeddings)
     from ..errors import UnsupportedError
 
     raise UnsupportedError(f"unsupported rope scaling type {rope_type!r}")

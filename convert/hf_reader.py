@@ -38,7 +38,7 @@ from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, Ca
                         TensorRecord, worse_error)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_5",
-                 "qwen3_5_text", "qwen3_moe")
+                 "qwen3_5_text", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -492,7 +492,12 @@ def check_against_model(arch, config: dict, planned: dict[str, tuple]) -> None:
         args = arch.ModelArgs.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"config.json: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(arch.Model(args).parameters())}
+    model = arch.Model(args)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    # what the loader will see: the names and shapes after the model's own sanitize (lazy
+    # zeros: nothing is allocated)
+    seen = model.sanitize({k: mx.zeros(v, mx.float32) for k, v in planned.items()})
+    planned = {k: tuple(v.shape) for k, v in seen.items()}
     for name, shape in planned.items():
         want = expected.get(name)
         if want is None:

@@ -50,6 +50,18 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
+def follow_renames(quantization: dict, raw: dict, weights: dict) -> dict:
+    """Per-module overrides keyed by the package's names, moved to the names the model's
+    sanitize gave their tensors (e.g. a VL wrapper's model.language_model.* -> model.*)."""
+    by_id = {id(v): k for k, v in weights.items()}
+    out = {}
+    for key, value in quantization.items():
+        scales = raw.get(f"{key}.scales") if isinstance(value, dict) else None
+        new = by_id.get(id(scales)) if scales is not None else None
+        out[new.removesuffix(".scales") if new else key] = value
+    return out
+
+
 def activation_dtype(weights: dict) -> mx.Dtype:
     """float32 on the CPU backend (its quantized matmul accumulates in the activation dtype);
     elsewhere the dtype of the float weights."""
@@ -75,14 +87,17 @@ def load_model(path: str | Path, lazy: bool = False,
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
     model = model_cls(args)
-    weights = load_weights(path)
-    weights = model.sanitize(weights)
+    raw = load_weights(path)
+    weights = model.sanitize(dict(raw))
+    q = config.get("quantization")
+    q = follow_renames(q, raw, weights) if q is not None else None
+    del raw
     if mx.default_device() == mx.cpu:
         # float32 scales and biases once here, rather than a cast in every quantized matmul
         # (the activations are float32 on the CPU; exact widening, +0.125 bytes per weight)
         weights = {k: v.astype(mx.float32) if k.endswith((".scales", ".biases"))
                    and v.dtype in (mx.float16, mx.bfloat16) else v for k, v in weights.items()}
-    if (q := config.get("quantization")) is not None:
+    if q is not None:
         from .probe import widen_for_device
 
         q = widen_for_device(q, weights)  # layouts this device cannot run, widened losslessly

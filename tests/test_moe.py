@@ -128,7 +128,7 @@ def dequantized_state(model, package: Path) -> dict[str, np.ndarray]:
          for k, v in mx.load(str(package / "model.safetensors")).items()}
     q = json.loads((package / "config.json").read_text())["quantization"]
     state = {}
-    for k in [k for k in w if k.endswith(".weight")]:
+    for k in [k for k in w if not k.endswith((".scales", ".biases"))]:
         module = k.removesuffix(".weight")
         if f"{module}.scales" in w:
             spec = q.get(module, q)

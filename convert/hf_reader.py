@@ -38,7 +38,7 @@ from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, Ca
                         TensorRecord, worse_error)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_5",
-                 "qwen3_5_text", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text")
+                 "qwen3_5_text", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "gpt_oss")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -389,8 +389,8 @@ class ExpertStack:
     name: str  # package name, e.g. model.layers.0.mlp.switch_mlp.up_proj.weight
     source_name: str  # e.g. model.layers.0.mlp.experts.{0..7}.up_proj.weight
     source_type: str  # the sources' safetensors dtype
-    shape: tuple[int, int, int]  # (E, out, in)
-    load: Callable[[int], np.ndarray]  # expert e -> (out, in)
+    shape: tuple[int, ...]  # (E, out, in), or (E, out) for biases
+    load: Callable[[int], np.ndarray]  # expert e -> (out, in) / (out,)
 
 
 def expert_stacks(refs: dict[str, TensorRef], arch,
@@ -429,8 +429,8 @@ def expert_stacks(refs: dict[str, TensorRef], arch,
 
 def _fused_stacks(name: str, ref: TensorRef, targets: list[str], split) -> dict:
     """The parts of a fused (E, a, b) tensor, each (E, out, in), keyed name, name#1, ..."""
-    if len(ref.shape) != 3:
-        raise EdgertError(f"{name}: fused experts of shape {list(ref.shape)} (expected 3-D)")
+    if len(ref.shape) < 2:
+        raise EdgertError(f"{name}: fused experts of shape {list(ref.shape)} (expected (E, ...))")
     dummy = np.broadcast_to(np.zeros((), np.float32), (1, *ref.shape[1:]))
     shapes = [p.shape[1:] for p in split(dummy)]
     return {name if j == 0 else f"{name}#{j}": ExpertStack(
@@ -465,9 +465,10 @@ def _stack_records(stack: ExpertStack, want: dict | None, scale_dtype: str,
     or the float experts stacked."""
     bits = DEFAULT_BITS if want is None or want["bits"] is None else want["bits"]
     group = DEFAULT_GROUP if want is None or want["group_size"] is None else want["group_size"]
-    E, cols = stack.shape[0], stack.shape[2]
-    note = f"{E} experts stacked (E, out, in)"
+    E, cols = stack.shape[0], stack.shape[-1]
+    note = f"{E} experts stacked (E, out, in)" if len(stack.shape) == 3 else f"{E} experts stacked"
     reference = lambda: np.stack([np.asarray(stack.load(e), np.float32) for e in range(E)])
+    quantize = quantize and len(stack.shape) == 3 and stack.name.endswith(".weight")
     if not quantize or bits == 0 or cols % group:
         if quantize and bits != 0:
             note += f"; kept float: {cols} columns, group {group}"
@@ -515,6 +516,49 @@ def check_against_model(arch, config: dict, planned: dict[str, tuple]) -> None:
         raise EdgertError(f"the checkpoint has no {missing[0]}{more}")
 
 
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def mxfp4_dequantize(w_q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 by the OCP definition: (rows, cols/8) uint32 of 4-bit E2M1 codes, element 2i in
+    the low nibble of byte i, and (rows, cols/32) uint8 E8M0 scales 2**(s - 127) ->
+    (rows, cols) float32."""
+    codes = w_q.view(np.uint8)
+    nib = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+    vals = FP4_E2M1[nib].reshape(*scales.shape, 32)
+    return np.ldexp(vals, scales.astype(np.int32)[..., None] - 127).reshape(*nib.shape)
+
+
+def _mxfp4_steps(module: str, refs: dict[str, TensorRef], arch, config: dict) -> list[Step]:
+    """HF MXFP4 (`X_blocks` (E, rows, cols/32, 16) uint8, `X_scales` (E, rows, cols/32) uint8)
+    onto MLX's "mxfp4" mode bit for bit (the same nibble order and scales), one expert at a
+    time; the architecture's `hf_packed(X, config)` names the parts and splits the rows."""
+    packed = getattr(arch, "hf_packed", lambda n, c: None)(module, config)
+    if packed is None:
+        raise UnsupportedError(f"{module}: MXFP4 tensors this architecture does not place")
+    targets, split = packed
+    blocks, scales = refs[f"{module}_blocks"], refs[f"{module}_scales"]
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16 or len(scales.shape) != 3:
+        raise EdgertError(f"{module}: MXFP4 blocks {list(blocks.shape)} and scales "
+                          f"{list(scales.shape)} do not match")
+
+    def expert(e: int) -> tuple[list, list]:
+        b = np.ascontiguousarray(blocks.load(e)).reshape(scales.shape[1], -1)  # (rows, cols/2)
+        return split(b.view(np.uint32)[None]), split(scales.load(e)[None])
+
+    def produce(j: int) -> list[TensorRecord]:
+        parts = [expert(e) for e in range(blocks.shape[0])]
+        w_q = np.stack([np.ascontiguousarray(p[0][j][0]) for p in parts])
+        s = np.stack([np.ascontiguousarray(p[1][j][0]) for p in parts])
+        t = QuantTensor(w_q, s, None, 4, 32, "mxfp4")
+        return [TensorRecord(f"{targets[j]}.weight", t, f"{module}_blocks", "MXFP4", EXACT,
+                             note=f"{len(parts)} experts stacked (E, out, in)",
+                             reference=lambda: mxfp4_dequantize(w_q, s))]
+
+    return [([f"{t}.weight"], lambda j=j: produce(j)) for j, t in enumerate(targets)]
+
+
 # ------------------------------------------------------------------ the folder
 
 
@@ -537,11 +581,13 @@ def source_kind(qcfg: dict, mlx_quant: dict | None) -> str:
         if version != "gemm" or int(qcfg.get("bits", qcfg.get("w_bit", 4))) != 4:
             raise UnsupportedError(f"AWQ {version} {qcfg.get('bits')}-bit (supported: gemm 4-bit)")
         return "awq"
+    if method == "mxfp4":
+        return "mxfp4"
     if method == "bitnet":
         if qcfg.get("use_rms_norm") or qcfg.get("quantization_mode", "offline") != "offline":
             raise UnsupportedError("BitNet with use_rms_norm or online quantization")
         return "bitnet"
-    raise UnsupportedError(f"quantization method {method!r} (supported: gptq, awq, bitnet, "
+    raise UnsupportedError(f"quantization method {method!r} (supported: gptq, awq, bitnet, mxfp4, "
                            "MLX packages and float checkpoints)")
 
 
@@ -639,6 +685,8 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
             owned |= {f"{module}.{x}": module for x in ("qweight", "qzeros", "scales", "g_idx")}
         elif kind == "bitnet" and leaf == "weight_scale":
             owned[f"{module}.weight"] = module
+        elif kind == "mxfp4" and name.endswith("_blocks") and f"{name[:-7]}_scales" in refs:
+            owned |= {name: name[:-7], f"{name[:-7]}_scales": name[:-7]}
         elif kind == "mlx" and leaf == "scales" and f"{module}.biases" in refs:
             owned |= {f"{module}.{x}": module for x in ("weight", "scales", "biases")}
 
@@ -665,6 +713,8 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
             want = request.get(module)
             if kind == "bitnet":
                 steps.append(_bitnet_step(module, refs))
+            elif kind == "mxfp4":
+                steps.extend(_mxfp4_steps(module, refs, arch, config))
             elif kind == "mlx":
                 steps.append(_mlx_step(module, refs, qcfg, want, scale_dtype))
             else:

@@ -10,7 +10,7 @@ from ..errors import UnsupportedError
 MODEL_REMAPPING = {"mistral": "llama", "smollm": "llama", "gemma3_text": "gemma3",
                    "qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "bitnet", "gemma3_text", "qwen3_5",
-             "qwen3_5_text", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text")
+             "qwen3_5_text", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "gpt_oss")
 
 
 def get_classes(model_type: str):

@@ -90,6 +90,11 @@ class Arch:
     @classmethod
     def from_config(cls, config: dict) -> "Arch":
         model_type = config.get("model_type", "<missing>")
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        experts = text.get("num_experts") or text.get("num_local_experts")
+        if experts:
+            raise UnsupportedError(f"Core ML export: mixture-of-experts models are not supported "
+                                   f"({model_type}, {experts} experts); use the MLX package")
         if model_type not in SUPPORTED:
             raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
                                    f"(supported: {', '.join(SUPPORTED)})")

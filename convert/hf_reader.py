@@ -473,14 +473,15 @@ def _stack_records(stack: ExpertStack, want: dict | None, scale_dtype: str,
         if quantize and bits != 0:
             note += f"; kept float: {cols} columns, group {group}"
         return [TensorRecord(stack.name, np.stack([stack.load(e) for e in range(E)]),
-                             stack.source_name, stack.source_type, FLOAT, note=note)]
+                             stack.source_name, stack.source_type, FLOAT, note=note, experts=E)]
     parts, err = [], 0.0
     for e in range(E):
         t, e_err = quantize_float(stack.load(e), bits, group, scale_dtype)
         parts.append(t)
         err = worse_error(err, e_err)
     return [TensorRecord(stack.name, stack_quantized(parts), stack.source_name,
-                         stack.source_type, REQUANTIZED, err, note=note, reference=reference)]
+                         stack.source_type, REQUANTIZED, err, note=note, reference=reference,
+                         experts=E)]
 
 
 def check_against_model(arch, config: dict, planned: dict[str, tuple]) -> None:
@@ -554,7 +555,7 @@ def _mxfp4_steps(module: str, refs: dict[str, TensorRef], arch, config: dict) ->
         t = QuantTensor(w_q, s, None, 4, 32, "mxfp4")
         return [TensorRecord(f"{targets[j]}.weight", t, f"{module}_blocks", "MXFP4", EXACT,
                              note=f"{len(parts)} experts stacked (E, out, in)",
-                             reference=lambda: mxfp4_dequantize(w_q, s))]
+                             reference=lambda: mxfp4_dequantize(w_q, s), experts=len(parts))]
 
     return [([f"{t}.weight"], lambda j=j: produce(j)) for j, t in enumerate(targets)]
 

@@ -271,14 +271,17 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("-r", "reps", default=3, show_default=True, help="Repetitions after a warm-up.")
 @click.option("-d", "depths", default="0", callback=int_list, help="KV-cache depths, e.g. 0,512.")
 @click.option("--synthetic", default=None, help="Benchmark a random model built in quantized form: "
-              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b.")
+              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b, qwen3-30b-a3b.")
 @click.option("--bits", default=4, show_default=True, help="Bits for --synthetic.")
 @click.option("--group-size", default=64, show_default=True, help="Group size for --synthetic.")
+@click.option("--layers", default=None, type=int,
+              help="Run only the first N layers of --synthetic (where memory is short; labelled).")
 @click.option("--json", "fmt", flag_value="json", help="Print JSON.")
 @click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")
 @click.option("--markdown", "fmt", flag_value="markdown", help="Print a Markdown table.")
 @click.option("--plot", "plot_dir", default=None, type=click.Path(), help="Write PNG charts here.")
-def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, fmt, plot_dir):
+def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, layers, fmt,
+          plot_dir):
     """Benchmark MODEL llama-bench style: pp/tg tok/s, memory, and the bandwidth ceiling."""
     from rich.console import Console
 
@@ -288,7 +291,7 @@ def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, fmt
         raise EdgertError("give either MODEL or --synthetic, not both")
     console = Console(stderr=True)
     report = b.run_bench(model, synthetic=synthetic, bits=bits, group_size=group_size,
-                         n_prompt=n_prompt, n_gen=n_gen, reps=reps, depths=depths,
+                         n_prompt=n_prompt, n_gen=n_gen, reps=reps, depths=depths, layers=layers,
                          on_result=lambda r: console.print(
                              f"[dim]{r.test} @ depth {r.depth}: {r.mean:.2f} tok/s[/dim]"))
     if fmt == "json":

@@ -15,12 +15,18 @@ def package_info(path: Path) -> dict:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     size = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
     by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0.0})
-    params = 0
+    params, active, active_bytes = 0, 0.0, 0.0
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    top_k = text.get("num_experts_per_tok")
     for name, t in meta.get("tensors", {}).items():
         n = 1
         for d in t["shape"]:
             n *= d
         params += n
+        # a token reads k of each MoE layer's E experts
+        share = top_k / t["experts"] if t.get("experts") and top_k else 1.0
+        active += n * share
+        active_bytes += n * share * t["bits_per_weight"] / 8
         key = t["source_type"]
         if "bits" in t:
             key += f" → {t['bits']}-bit g{t['group_size']} ({t['class']})"
@@ -40,6 +46,10 @@ def package_info(path: Path) -> dict:
         "vocab_size": config.get("vocab_size"),
         "context_length": config.get("max_position_embeddings"),
         "parameters": params or None,
+        "active_parameters": round(active) or None,  # per token: k of E experts (MoE)
+        "bytes_per_token": round(active_bytes) or None,  # weights read per decoded token
+        "experts": (f"{top_k} of {text.get('num_experts') or text.get('num_local_experts')}"
+                    if top_k else None),
         "size_bytes": size,
         "bits_per_weight": round(8 * size / params, 3) if params else None,
         "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q},
@@ -61,6 +71,11 @@ def print_info(s: dict, tensors: bool = False) -> None:
         head.add_row(label, str(s[key]))
     if s["parameters"]:
         head.add_row("parameters", f"{s['parameters'] / 1e6:.1f} M")
+    if s.get("experts"):
+        head.add_row("experts per token", s["experts"])
+        head.add_row("active parameters", f"{s['active_parameters'] / 1e6:.1f} M per token")
+    if s.get("bytes_per_token"):
+        head.add_row("bytes per token", f"{s['bytes_per_token'] / 2**20:.1f} MiB of weights read")
     head.add_row("size", f"{s['size_bytes'] / 2**20:.1f} MiB")
     if s["bits_per_weight"]:
         head.add_row("bits per weight", f"{s['bits_per_weight']:.3f}")

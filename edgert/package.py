@@ -50,6 +50,21 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
+def check_fits(path: Path) -> None:
+    """Refuse, in one line, a package whose weights exceed the memory available (loading it
+    would swap): names its size, the memory available and what would fit."""
+    from .bench import available_memory_bytes
+
+    size = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
+    avail = available_memory_bytes()
+    if size > avail:
+        gib = 2**30
+        raise EdgertError(f"{path.name}: the weights take {size / gib:.1f} GiB but only "
+                          f"{avail / gib:.1f} GiB of memory is available; a model of at most "
+                          f"~{0.9 * avail / gib:.1f} GiB would fit (fewer bits, or close other "
+                          "programs)")
+
+
 def follow_renames(quantization: dict, raw: dict, weights: dict) -> dict:
     """Per-module overrides keyed by the package's names, moved to the names the model's
     sanitize gave their tensors (e.g. a VL wrapper's model.language_model.* -> model.*)."""
@@ -81,6 +96,7 @@ def load_model(path: str | Path, lazy: bool = False,
     bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
+    check_fits(path)
     model_cls, args_cls = get_classes(config.get("model_type", "<missing>"))
     try:
         args = args_cls.from_dict(config)

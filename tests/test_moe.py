@@ -217,3 +217,73 @@ def test_bad_moe_checkpoints(tmp_path):
         assert not (tmp_path / f"{name}.out").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not leftovers
+
+
+# ------------------------------------------------------------------ info, bench, memory, Core ML
+
+
+def test_info_counts_active_parameters(tmp_path):
+    kw, _ = CONFIGS["dense-layer-1"]
+    folder = save_checkpoint(hf_moe(kw), tmp_path / "hf", "per-expert")
+    package = convert_file(folder, tmp_path / "pkg", progress=False)
+    from edgert.info import package_info
+
+    s = package_info(package)
+    H, I, E, k = kw["hidden_size"], kw["moe_intermediate_size"], 8, 2
+    experts = 2 * 3 * E * I * H  # two sparse layers (0 and 2), gate/up/down each
+    assert s["parameters"] == sum(p.numel() for p in hf_moe(kw).parameters())
+    assert s["active_parameters"] == s["parameters"] - experts + experts * k // E
+    assert s["experts"] == "2 of 8"
+    per_expert_bytes = 3 * I * H * 4.5 / 8  # 4-bit g64 with f16 scales and biases
+    assert s["bytes_per_token"] < s["size_bytes"] - 2 * (E - k) * per_expert_bytes + 1024
+    info = run("info", str(package), env_home=tmp_path)
+    assert info.returncode == 0 and "active parameters" in info.stdout
+
+
+def test_bench_reads_k_of_e_experts(monkeypatch):
+    from edgert import bench
+
+    bench.SYNTHETIC["tiny-moe"] = dict(
+        model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+    try:
+        model, _ = bench.synthetic_model("tiny-moe", bits=4)
+        experts = [m for layer in model.layers for m in (layer.mlp.switch_mlp.gate_proj,
+                                                          layer.mlp.switch_mlp.up_proj,
+                                                          layer.mlp.switch_mlp.down_proj)]
+        expert_bytes = sum(m.weight.nbytes + m.scales.nbytes + m.biases.nbytes for m in experts)
+        assert bench.active_weight_bytes(model) == (bench.weight_bytes(model) - expert_bytes
+                                                    + expert_bytes * 2 // 8)
+        # the 30B-A3B shape: a cut names what fits, and is labelled
+        monkeypatch.setattr(bench, "available_memory_bytes", lambda: 4 * 2**30)
+        with pytest.raises(Exception, match=r"--layers \d+ would fit"):
+            bench.synthetic_model("qwen3-30b-a3b", bits=4)
+        full = bench.SYNTHETIC["qwen3-30b-a3b"]
+        assert 0 < bench.layers_that_fit(full, 4, 64, int(0.8 * 4 * 2**30)) < 48
+    finally:
+        del bench.SYNTHETIC["tiny-moe"]
+    assert bench.expected_experts_touched(128, 8, 1) == pytest.approx(8)
+    assert bench.expected_experts_touched(128, 8, 512) == pytest.approx(128, abs=1e-6)
+
+
+def test_refuses_a_model_larger_than_memory(tmp_path, monkeypatch):
+    from edgert import bench
+    from edgert.errors import EdgertError
+
+    kw, _ = CONFIGS["fused"]
+    package = convert_file(save_checkpoint(hf_moe(kw), tmp_path / "hf", "fused"),
+                           tmp_path / "pkg", progress=False)
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 100_000)
+    with pytest.raises(EdgertError, match="GiB of memory is available.*would fit") as e:
+        load_model(package)
+    assert "\n" not in str(e.value)
+
+
+def test_coreml_refuses_moe(tmp_path):
+    kw, _ = CONFIGS["fused"]
+    folder = save_checkpoint(hf_moe(kw), tmp_path / "hf", "fused")
+    assert_one_line_error(run("convert", str(folder), "--to", "coreml", "-o",
+                              str(tmp_path / "m.mlpackage"), env_home=tmp_path),
+                          "mixture-of-experts", "qwen3_moe")
+    assert not (tmp_path / "m.mlpackage").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import bisect
 import functools
+import importlib
 import importlib.metadata
 import math
 import re
@@ -28,8 +29,10 @@ from .canonical import (EXACT, F32_SCALES_EXACT, REQUANTIZED, WIDENED, Canonical
 from .gguf_types import TYPES, ExtraType, Mapped, ggml_type, mlx_type, type_layout
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture -> HF model_type, where they differ
+                 "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                 "qwen3moe": "Qwen3MoeForCausalLM"}
+# GGUF architecture -> HF model_type, where they differ
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
 VERSIONS = (2, 3)
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                 "output": "lm_head"}
@@ -50,7 +53,18 @@ MODEL_BLOCK_NAMES = {
 # HF names carry w, so this much is subtracted from every `*norm.weight` on the way back.
 NORM_SHIFT = {"gemma3_text": 1.0}
 SKIPPED = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
+# llama.cpp's metadata common to MoE architectures -> HF config fields
+EXPERT_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+               "expert_feed_forward_length": "moe_intermediate_size",
+               "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def _arch_module(model_type: str):
+    """The edgert.models module of an HF model_type (its GGUF_TENSORS, gguf_config)."""
+    from edgert.models import MODEL_REMAPPING
+
+    return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
 
 
 def gguf_py_dequantizes(qtype) -> bool:
@@ -272,6 +286,13 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
         raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
     if arch == "gemma3":
         config = _gemma3_config(reader, config)
+    for key, field in EXPERT_KEYS.items():
+        if (value := meta(reader, f"{arch}.{key}")) is not None:
+            config[field] = int(value)
+    module = _arch_module(config["model_type"])
+    if hasattr(module, "gguf_config"):
+        config = module.gguf_config(lambda key, default=None: meta(reader, f"{arch}.{key}",
+                                                                   default), config)
     return config
 
 
@@ -315,12 +336,22 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        names = BLOCK_NAMES | MODEL_BLOCK_NAMES.get(model_type, {})
+        names = _block_names(model_type)
         return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
     stem, _, kind = gguf_name.rpartition(".")
     if stem in GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{GLOBAL_NAMES[stem]}.{kind}"
     return None
+
+
+@functools.cache
+def _block_names(model_type: str) -> dict[str, str]:
+    """BLOCK_NAMES with the model type's own: MODEL_BLOCK_NAMES, or its module's GGUF_TENSORS."""
+    try:
+        own = getattr(_arch_module(model_type), "GGUF_TENSORS", {})
+    except ModuleNotFoundError:
+        own = {}
+    return BLOCK_NAMES | MODEL_BLOCK_NAMES.get(model_type, {}) | own
 
 
 def hf_value(record: TensorRecord, model_type: str) -> TensorRecord:
@@ -394,6 +425,24 @@ def map_in_chunks(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
     return worst._replace(value=value, max_abs_error=error)
 
 
+def map_tensor(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
+    """map_in_chunks, for stacked experts (E, rows, cols) one expert at a time (the per-type
+    rules work on 2-D byte arrays), the results stacked: the worst class, the worst error."""
+    if len(shape) != 3:
+        return map_in_chunks(cls, data, shape)
+    parts = [map_in_chunks(cls, data[e], shape[1:]) for e in range(shape[0])]
+    worst = max(parts, key=lambda m: _CLASS_ORDER.index(m.mapping)
+                if m.mapping in _CLASS_ORDER else -1)
+    error = functools.reduce(worse_error, (m.max_abs_error for m in parts), 0.0)
+    if isinstance(parts[0].value, QuantTensor):
+        from .hf_reader import stack_quantized
+
+        value = stack_quantized([m.value for m in parts])
+    else:
+        value = np.stack([m.value for m in parts])
+    return worst._replace(value=value, max_abs_error=error)
+
+
 def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
     """gguf-py's reference dequantization of tensor `t` in numpy order, float32. For types
     gguf-py cannot dequantize (Q1_0, Q2_0, PrismML's 1-bit) the exact MLX mapping's, which the
@@ -401,12 +450,16 @@ def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
     try:
         w = gguf_dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
     except (NotImplementedError, KeyError, ValueError):
-        m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
+        m = map_tensor(mlx_type(t.tensor_type, t.name), t.data, shape)
         if m.mapping not in (EXACT, WIDENED, F32_SCALES_EXACT):
             raise ValueError(f"{t.name}: no reference dequantization for {t.tensor_type.name}")
         from edgert.quant import dequantize
 
-        w = dequantize(m.value) if isinstance(m.value, QuantTensor) else np.float32(m.value)
+        w = (np.stack([dequantize(QuantTensor(m.value.w_q[e], m.value.scales[e],
+                                               m.value.biases[e], m.value.bits,
+                                               m.value.group_size)) for e in range(shape[0])])
+             if isinstance(m.value, QuantTensor) and len(shape) == 3 else
+             dequantize(m.value) if isinstance(m.value, QuantTensor) else np.float32(m.value))
     return unpermute_rows(w, n_head) if n_head else w
 
 
@@ -418,6 +471,16 @@ def _requantized(record: TensorRecord, want: dict, scale_dtype: str) -> TensorRe
     ref = record.reference_value()
     bits = DEFAULT_BITS if want.get("bits") is None else want["bits"]
     group = want.get("group_size") or DEFAULT_GROUP
+    if ref.ndim == 3 and bits != 0 and ref.shape[2] % group == 0:  # experts, one at a time
+        from .hf_reader import stack_quantized
+
+        parts = [quantize_float(ref[e], bits, group, scale_dtype) for e in range(ref.shape[0])]
+        err = functools.reduce(worse_error, (e for _, e in parts), 0.0)
+        return TensorRecord(record.name, stack_quantized([t for t, _ in parts]),
+                            record.source_name, record.source_type, REQUANTIZED, err,
+                            note=f"requantized to {bits}-bit group {group} per expert from the "
+                            "source's dequantization", reference=record.reference,
+                            experts=ref.shape[0])
     if bits == 0 or ref.ndim != 2 or ref.shape[1] % group:
         why = "" if bits == 0 else f" ({ref.shape[-1]} columns, group {group})"
         return TensorRecord(record.name, ref, record.source_name, record.source_type, EXACT,
@@ -433,7 +496,7 @@ def _wants_change(want: dict | None, value) -> bool:
     if want is None:
         return False
     if not isinstance(value, QuantTensor):
-        return value.ndim == 2 and want.get("bits") not in (None, 0)
+        return value.ndim in (2, 3) and want.get("bits") not in (None, 0)
     return any(want.get(k) is not None and want[k] != v
                for k, v in (("bits", value.bits), ("group_size", value.group_size)))
 
@@ -468,7 +531,7 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                 if not gguf_py_dequantizes(t.tensor_type):
                     raise UnsupportedError(f"tensor {t.name}: gguf-py cannot dequantize "
                                            f"{t.tensor_type.name} either")
-            elif mlx_type(t.tensor_type, t.name) and len(t.shape) != 2 and (
+            elif mlx_type(t.tensor_type, t.name) and len(t.shape) not in (2, 3) and (
                     type_layout(t.tensor_type)[0] > 1):
                 raise UnsupportedError(f"tensor {t.name}: {len(t.shape)}-dim "
                                        f"{t.tensor_type.name} tensors are not supported")
@@ -505,10 +568,11 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                 record.note += f"; {t.tensor_type.name} has no exact MLX layout"
                 yield record
                 continue
-            m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
+            m = map_tensor(mlx_type(t.tensor_type, t.name), t.data, shape)
             value = _unpermute(m.value, n_head) if n_head else m.value
             record = TensorRecord(name, value, t.name, t.tensor_type.name, m.mapping,
-                                  m.max_abs_error, note=m.note, reference=reference)
+                                  m.max_abs_error, note=m.note, reference=reference,
+                                  experts=shape[0] if len(shape) == 3 else 0)
             if _wants_change(want, value) and name.endswith(".weight"):
                 record = _requantized(record, want, scale_dtype)
             yield hf_value(record, arch)

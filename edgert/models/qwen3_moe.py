@@ -123,3 +123,18 @@ def quant_policy(name: str, shape: tuple, config: dict):
     if name.endswith(".mlp.gate.weight"):
         return {"bits": 8, "group_size": 64}
     return None
+
+
+# ------------------------------------------------------------------ for the GGUF reader (llama.cpp "qwen3moe")
+
+# blk.N.<key>.weight -> model.layers.N.<value>.weight; the experts are (E, out, in) in numpy
+# order, as switch_mlp holds them
+GGUF_TENSORS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+                "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"}
+
+
+def gguf_config(meta, config: dict) -> dict:
+    """llama.cpp's qwen3moe routes every layer and always renormalises the top-k weights
+    (src/models/qwen3moe.cpp: build_moe_ffn(..., norm_w = true, ...))."""
+    return dict(config, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+

@@ -54,7 +54,7 @@ from edgert.errors import EdgertError, UnsupportedError
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
 
 MASK_VALUE = -1e4  # additive mask value; finite so fp16 softmax never sees -inf - -inf
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+GRAPHS = ("llama",)  # the graphs this writer builds; a module names its own (COREML_GRAPH)
 TARGETS = ("iOS18", "iOS26")
 DEFAULT_CONTEXT = 2048
 PREFILL_MAX = 512  # longest prefill chunk: bounds the (L, context) mask and attention scores
@@ -95,12 +95,14 @@ class Arch:
         if experts:
             raise UnsupportedError(f"Core ML export: mixture-of-experts models are not supported "
                                    f"({model_type}, {experts} experts); use the MLX package")
-        if model_type not in SUPPORTED:
-            raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
-                                   f"(supported: {', '.join(SUPPORTED)})")
-        from edgert.models import get_classes
+        from edgert.models import architecture, supported
 
-        _, args_cls = get_classes(model_type)
+        served = [t for t in supported() if getattr(architecture(t), "COREML_GRAPH", None)
+                  in GRAPHS]
+        if model_type not in served:
+            raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
+                                   f"(supported: {', '.join(served)})")
+        args_cls = architecture(model_type).ModelArgs
         try:
             a = args_cls.from_dict(config)
         except TypeError as e:
@@ -114,25 +116,13 @@ class Arch:
 
 
 def rope_inv_freq(dims: int, base: float, scaling: dict | None) -> np.ndarray:
-    """(dims // 2,) inverse frequencies, as edgert.models.rope computes them."""
-    inv = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type in ("default", None):
-        return inv
-    if rope_type == "linear":
-        return inv / scaling["factor"]
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_ctx = scaling.get("original_max_position_embeddings", 8192)
-        freqs = 1.0 / inv  # wavelength / 2pi
-        wavelens = 2 * np.pi * freqs
-        scaled = np.where(wavelens > old_ctx / low, freqs * factor, freqs)
-        medium = (wavelens > old_ctx / high) & (wavelens < old_ctx / low)
-        smooth = (old_ctx / wavelens - low) / (high - low)
-        scaled = np.where(medium, freqs / ((1 - smooth) / factor + smooth), scaled)
-        return 1.0 / scaled
-    raise UnsupportedError(f"Core ML export: unsupported rope scaling type {rope_type!r}")
+    """(dims // 2,) inverse frequencies, as the runtime computes them."""
+    from edgert.models.rope import inv_frequencies
+
+    try:
+        return inv_frequencies(dims, base, scaling)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"Core ML export: {e}") from None
 
 
 def rope_tables(inv_freq: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:

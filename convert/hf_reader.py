@@ -37,8 +37,6 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         TensorRecord, worse_error)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet", "qwen3_5",
-                 "qwen3_5_text", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "gpt_oss")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -609,18 +607,17 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     if scale_dtype not in SCALE_DTYPES:
         raise EdgertError(f"scale_dtype must be one of {list(SCALE_DTYPES)}")
     config = json.loads((path / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    from edgert.models import architecture
+
+    arch = architecture(config.get("model_type"))  # what is specific to it lives there
     _check_config(path, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
-    arch = _architecture(model_type)
-    config = getattr(arch, "hf_config", lambda c: c)(config)
     kind = source_kind(qcfg, mlx_quant)
     request = Request(bits, group_size, dict(overrides or {}))
-    refs = safetensors_index(path)
+    refs, dropped = _renamed(safetensors_index(path), arch, config)
+    if hasattr(arch, "hf_config"):
+        config = arch.hf_config(config)
     if kind == "float" and any(n.endswith(".qweight") for n in refs):
         raise EdgertError(f"{path}: quantized tensors (qweight) but no quantization_config")
     if kind == "bitnet":
@@ -636,15 +633,28 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         tensor_count=sum(len(names) for names, _ in steps),
         tokenizer_files=tokenizer_files,
         source={"path": str(path), "format": "hf-" + kind, "quantization_config": qcfg or mlx_quant,
-                "files": sorted({r.file.name for r in refs.values()})},
+                "files": sorted({r.file.name for r in refs.values()}),
+                **({"dropped": dropped} if dropped else {})},
     )
 
 
-def _architecture(model_type: str):
-    """The edgert.models module of an HF model_type."""
-    from edgert.models import MODEL_REMAPPING
-
-    return importlib.import_module(f"edgert.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:
+    """The checkpoint's tensors under the names the architecture keeps (its `hf_name`; None
+    drops a tensor, e.g. a vision tower), and a one-line account of what was dropped."""
+    rename = getattr(arch, "hf_name", None)
+    if rename is None:
+        return refs, ""
+    kept, dropped = {}, []
+    for name, ref in refs.items():
+        new = rename(name, config)
+        if new is None:
+            dropped.append(name)
+        else:
+            kept[new] = ref
+    if not dropped:
+        return dict(sorted(kept.items())), ""
+    stems = sorted({n.split(".")[0] + "." + n.split(".")[1] if "." in n else n for n in dropped})
+    return dict(sorted(kept.items())), f"{len(dropped)} tensors left out ({', '.join(stems[:3])})"
 
 
 def _check_config(path: Path, config: dict) -> None:

@@ -89,7 +89,7 @@ class StreamingDetokenizer:
 
 def _sentencepiece_tokenizer(path: Path) -> tuple[HFTokenizer, dict]:
     """A SentencePiece BPE `tokenizer.model` as an HF tokenizer, and its special-token names."""
-    from .convert.gguf_tokenizer import add_vocab_specials, sentencepiece_bpe
+    from .vocab import add_vocab_specials, sentencepiece_bpe
 
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import llama
+from .base import LLAMA_GGUF_TENSORS, GGUFSpec
 from .switch import SwitchGLU, check_experts, topk_softmax
 
 MODEL_TYPES = ("qwen3_moe",)
@@ -125,16 +126,20 @@ def quant_policy(name: str, shape: tuple, config: dict):
     return None
 
 
-# ------------------------------------------------------------------ for the GGUF reader (llama.cpp "qwen3moe")
-
-# blk.N.<key>.weight -> model.layers.N.<value>.weight; the experts are (E, out, in) in numpy
-# order, as switch_mlp holds them
-GGUF_TENSORS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
-                "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"}
+# ------------------------------------------------------------------ GGUF (llama.cpp "qwen3moe")
 
 
 def gguf_config(meta, config: dict) -> dict:
-    """llama.cpp's qwen3moe routes every layer and always renormalises the top-k weights
-    (src/models/qwen3moe.cpp: build_moe_ffn(..., norm_w = true, ...))."""
-    return dict(config, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    """llama.cpp's expert metadata; its qwen3moe routes every layer and always renormalises
+    the top-k weights (src/models/qwen3moe.cpp: build_moe_ffn(..., norm_w = true, ...))."""
+    return {**config, "num_experts": int(meta.need("expert_count")),
+            "num_experts_per_tok": int(meta.need("expert_used_count")),
+            "moe_intermediate_size": int(meta.need("expert_feed_forward_length")),
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
 
+
+# the experts are (E, out, in) in numpy order, as switch_mlp holds them
+GGUF = GGUFSpec("qwen3moe", "Qwen3MoeForCausalLM", LLAMA_GGUF_TENSORS | {
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"},
+    config=gguf_config, default_rope_theta=1e6)

@@ -277,20 +277,51 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
 # ------------------------------------------------------------------ tensors
 
 def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
-    """The HF name of a GGUF tensor in a `model_type` model, or None.
+    """The HF name of a GGUF tensor in a `model_type` model, or None (for a fused tensor, its
+    first part's).
 
     blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
+    names = hf_names(gguf_name, model_type)
+    return names[0] if names else None
+
+
+def hf_names(gguf_name: str, model_type: str = "llama") -> list[str] | None:
+    """The HF names of a GGUF tensor: one, or, where the spec maps it to a tuple of names
+    (llama.cpp's fused tensors, e.g. ffn_gate_up_exps), its equal row blocks in order."""
     from edgert.models import architecture
 
     spec = architecture(model_type).GGUF
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        names = spec.tensors
-        return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
+        target = spec.tensors.get(part)
+        if target is None:
+            return None
+        return [f"model.layers.{layer}.{t}.{kind}"
+                for t in (target if isinstance(target, tuple) else (target,))]
     stem, _, kind = gguf_name.rpartition(".")
     if stem in spec.global_tensors and kind in ("weight", "bias"):
-        return f"{spec.global_tensors[stem]}.{kind}"
+        return [f"{spec.global_tensors[stem]}.{kind}"]
     return None
+
+
+def split_rows(record: TensorRecord, names: list[str]) -> list[TensorRecord]:
+    """A fused tensor's record cut into len(names) equal blocks of rows (axis -2), one record
+    each; quantized rows move whole, so every class carries over."""
+    n, v = len(names), record.value
+
+    def part(a, i):
+        return None if a is None else np.ascontiguousarray(np.split(a, n, axis=-2)[i])
+
+    out = []
+    for i, name in enumerate(names):
+        value = (QuantTensor(part(v.w_q, i), part(v.scales, i), part(v.biases, i), v.bits,
+                             v.group_size, v.mode) if isinstance(v, QuantTensor) else part(v, i))
+        ref = record.reference
+        out.append(dataclasses.replace(
+            record, name=name, value=value,
+            note="; ".join(x for x in (record.note, f"rows {i + 1} of {n} of the fused tensor") if x),
+            reference=None if ref is None else (lambda ref=ref, i=i: part(ref(), i))))
+    return out
 
 
 def hf_value(record: TensorRecord, spec, config: dict) -> TensorRecord:
@@ -487,24 +518,29 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
     def tensors() -> Iterator[TensorRecord]:
         for t in kept:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order (rows, cols)
-            name = hf_name(t.name, arch)
+            names = hf_names(t.name, arch)
             reference = functools.partial(_dequantized, t, shape)
-            want = request.get(name.removesuffix(".weight").removesuffix(".bias"))
+            experts = shape[0] if len(shape) == 3 else 0  # stacked (E, out, in)
             if t.tensor_type not in TYPES:  # only with `requantize` (checked above)
-                placeholder = TensorRecord(name, np.empty(0), t.name, t.tensor_type.name, EXACT,
-                                           reference=_transformed(spec, name, config, reference))
-                record = _requantized(placeholder, want or {}, scale_dtype)
-                record.note += f"; {t.tensor_type.name} has no exact MLX layout"
-                yield record
+                whole = TensorRecord(names[0], np.empty((0, 0)), t.name, t.tensor_type.name,
+                                     EXACT, reference=reference, experts=experts)
+                for part in split_rows(whole, names) if len(names) > 1 else [whole]:
+                    part.reference = _transformed(spec, part.name, config, part.reference)
+                    want = request.get(part.name.removesuffix(".weight").removesuffix(".bias"))
+                    record = _requantized(part, want or {}, scale_dtype)
+                    record.note += f"; {t.tensor_type.name} has no exact MLX layout"
+                    yield record
                 continue
             m = map_tensor(mlx_type(t.tensor_type, t.name), t.data, shape)
-            experts = shape[0] if len(shape) == 3 else 0  # stacked (E, out, in)
-            record = hf_value(TensorRecord(name, m.value, t.name, t.tensor_type.name, m.mapping,
-                                           m.max_abs_error, note=m.note, reference=reference,
-                                           experts=experts), spec, config)
-            if _wants_change(want, record.value) and name.endswith(".weight"):
-                record = _requantized(record, want, scale_dtype)
-            yield record
+            whole = TensorRecord(names[0], m.value, t.name, t.tensor_type.name, m.mapping,
+                                 m.max_abs_error, note=m.note, reference=reference,
+                                 experts=experts)
+            for part in split_rows(whole, names) if len(names) > 1 else [whole]:
+                record = hf_value(part, spec, config)
+                want = request.get(record.name.removesuffix(".weight").removesuffix(".bias"))
+                if _wants_change(want, record.value) and record.name.endswith(".weight"):
+                    record = _requantized(record, want, scale_dtype)
+                yield record
 
     source = {
         "path": str(path.resolve()), "sha256": sha256_file(path), "format": "gguf",
@@ -514,7 +550,8 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
     }
     if note:
         source["note"] = note
-    return CanonicalModel(config, tensors, len(kept), tokenizer_files, source)
+    count = sum(len(hf_names(t.name, arch)) for t in kept)
+    return CanonicalModel(config, tensors, count, tokenizer_files, source)
 
 
 def _file_type(value: int | None) -> str | int | None:

@@ -97,12 +97,49 @@ def ggufs(llama_cpp_src, tmp_path_factory):
     subprocess.run([sys.executable, str(root / "convert.py"), str(llama_cpp_src),
                     str(root / "hf"), "--outfile", str(files["F32"]), "--outtype", "f32"],
                    check=True, capture_output=True)
+    files["F32-fused"] = root / "f32-fused.gguf"
+    fuse_gate_up(files["F32"], files["F32-fused"])
     quantize = data_file("llama.cpp/bin/llama-quantize")
-    for t in ("Q4_K_M", "Q8_0"):
+    for t, src in (("Q4_K_M", "F32"), ("Q8_0", "F32"), ("Q4_K_M-fused", "F32-fused")):
         files[t] = root / f"{t}.gguf"
-        subprocess.run([str(quantize), str(files["F32"]), str(files[t]), t], check=True,
-                       capture_output=True)
+        subprocess.run([str(quantize), str(files[src]), str(files[t]), t.split("-")[0]],
+                       check=True, capture_output=True)
     return hf, files
+
+
+def rewrite(src: Path, dst: Path, tensors) -> None:
+    """`src`'s metadata with the tensors `tensors(reader)` yields as (name, array), by gguf-py."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            array = f.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if array else None)
+    for name, a in tensors(r):
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def fuse_gate_up(src: Path, dst: Path) -> None:
+    """An F32 file with each layer's gate and up experts as one ffn_gate_up_exps (E, 2I, H),
+    gate rows first, as llama.cpp's convert_hf_to_gguf.py --fuse-gate-up-exps writes it (for
+    the architectures it fuses: qwen35moe, qwen3next, ...; it refuses qwen3moe)."""
+    def tensors(r):
+        by_name = {t.name: np.asarray(t.data, np.float32).reshape(
+            [int(d) for d in reversed(t.shape.tolist())]) for t in r.tensors}
+        for name, a in by_name.items():
+            if ".ffn_up_exps." in name:
+                continue
+            if ".ffn_gate_exps." in name:
+                up = by_name[name.replace("gate_exps", "up_exps")]
+                yield name.replace("gate_exps", "gate_up_exps"), np.concatenate([a, up], axis=1)
+            else:
+                yield name, a
+
+    rewrite(src, dst, tensors)
 
 
 def edgert_logits(package: Path) -> np.ndarray:
@@ -158,28 +195,39 @@ def test_expert_types_bit_exact(ggufs, tmp_path, type_name):
     assert seen == ({"Q8_0"} if type_name == "Q8_0" else {"Q4_K", "Q6_K"})
 
 
+@pytest.mark.parametrize("type_name", ["F32", "Q4_K_M"])
+def test_fused_gate_up_exps(ggufs, tmp_path, type_name):
+    """A ffn_gate_up_exps file (fused by gguf-py as llama.cpp fuses them; llama-quantize
+    quantizes its rows as it does the unfused ones) converts to the same package, bit for bit."""
+    _, files = ggufs
+    names = {t.name for t in gguf.GGUFReader(files[f"{type_name}-fused"]).tensors}
+    assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.ffn_up_exps.weight" not in names
+    fused = convert_file(files[f"{type_name}-fused"], tmp_path / "fused", progress=False)
+    plain = convert_file(files[type_name], tmp_path / "plain", progress=False)
+    a, b = (mx.load(str(p / "model.safetensors")) for p in (fused, plain))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+    report = json.loads((fused / "edgert.json").read_text())["tensors"]
+    up = report["model.layers.0.mlp.switch_mlp.up_proj.weight"]
+    assert up["source_name"] == "blk.0.ffn_gate_up_exps.weight" and "rows 2 of 2" in up["note"]
+
+
 def float_copy(src: Path, dst: Path) -> None:
     """`src` with every quantized tensor replaced by llama.cpp's own dequantization (libggml's
     to_float), expert tensors included."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
-    for f in r.fields.values():
-        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
-            array = f.types[0] == gguf.GGUFValueType.ARRAY
-            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if array else None)
-    for t in r.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_tensor(t.name, np.asarray(t.data, np.float32).reshape(shape))
-        else:
-            rows = int(np.prod(shape[:-1]))
-            flat = ggml_dequantize(np.asarray(t.data).reshape(rows, -1), int(t.tensor_type),
-                                   (rows, shape[-1]))
-            w.add_tensor(t.name, flat.reshape(shape))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def tensors(r):
+        for t in r.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                yield t.name, np.asarray(t.data, np.float32).reshape(shape)
+            else:
+                rows = int(np.prod(shape[:-1]))
+                flat = ggml_dequantize(np.asarray(t.data).reshape(rows, -1), int(t.tensor_type),
+                                       (rows, shape[-1]))
+                yield t.name, flat.reshape(shape)
+
+    rewrite(src, dst, tensors)
 
 
 def llama_cpp_logits(path: Path) -> np.ndarray:

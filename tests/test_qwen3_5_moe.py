@@ -90,7 +90,7 @@ def test_default_4bit_and_mlx_lm(moe, tmp_path):
     ours, _ = load_model(package)
     reference = copy.deepcopy(hf)
     reference.load_state_dict({k: torch.from_numpy(v) for k, v in
-                               dequantized_state(hf, package).items()})
+                               dequantized_state(hf, package).items()}, strict=False)
     got = logits(ours, IDS)
     assert rel_err(got, hf_logits(reference, IDS)) < 1e-4
 

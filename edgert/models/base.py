@@ -75,7 +75,9 @@ class GGUFSpec:
     "<architecture>.<key>"; raw(key) a full key). `transform(hf_name, value, config)` undoes
     the converter's value changes on a numpy float32 array or an edgert.quant.QuantTensor (the
     same function serves the float reference); it returns the value, or (value, note).
-    `validate(gguf_name, shape, config)` checks a tensor up front (before anything streams)."""
+    `validate(gguf_name, shape, config)` checks a tensor up front (before anything streams).
+    A `tensors` value may be a tuple of names: a fused tensor (e.g. ffn_gate_up_exps) whose
+    rows are those tensors' in equal blocks, in order."""
 
     architecture: str  # general.architecture, e.g. "llama", "qwen35"
     hf_class: str  # config["architectures"][0], e.g. "LlamaForCausalLM"

@@ -141,5 +141,7 @@ def gguf_config(meta, config: dict) -> dict:
 # the experts are (E, out, in) in numpy order, as switch_mlp holds them
 GGUF = GGUFSpec("qwen3moe", "Qwen3MoeForCausalLM", LLAMA_GGUF_TENSORS | {
     "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
-    "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"},
+    "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    # --fuse-gate-up-exps: (E, 2I, H), gate rows then up rows
+    "ffn_gate_up_exps": ("mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj")},
     config=gguf_config, default_rope_theta=1e6)

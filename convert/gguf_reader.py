@@ -24,6 +24,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
+from edgert.validate import check_config
 
 from .canonical import (EXACT, F32_SCALES_EXACT, REQUANTIZED, WIDENED, CanonicalModel,
                         QuantTensor, TensorRecord, worse_error)
@@ -88,6 +89,7 @@ class _CheckedReader(GGUFReader):
         size = self.data.shape[0]
         starts = sorted(start_offs + int(f.parts[5][0]) for f in fields) + [size]
         own = {}  # field index -> tensor, for type ids that gguf-py reads otherwise or not at all
+        expected = 0  # llama.cpp: each tensor's data follows the previous one, padded
         for i, field in enumerate(fields):
             _, name, _, dims, raw_type, offset = field.parts
             name = bytes(name).decode("utf-8", "replace")
@@ -106,6 +108,11 @@ class _CheckedReader(GGUFReader):
                 raise _Corrupt(f"corrupt GGUF: tensor {name} has rows of {int(dims[0])}, not "
                                f"whole blocks of {block}")
             end = begin + n * type_size // block
+            if int(offset[0]) != expected:
+                raise _Corrupt(f"corrupt GGUF: tensor {name} data starts at offset "
+                               f"{int(offset[0])}, not {expected} (right after the previous "
+                               f"tensor, aligned to {int(self.alignment)} bytes)")
+            expected += -(-(end - begin) // int(self.alignment)) * int(self.alignment)
             if end > size:
                 raise _Corrupt(f"truncated or corrupt GGUF: tensor {name} data (bytes {begin}.."
                                f"{end}) lies beyond the end of the file ({size} bytes)")
@@ -226,6 +233,25 @@ class GGUFMeta:
     def has_tensor(self, name: str) -> bool:
         return name in self.tensor_names
 
+    def _tensor(self, name: str):
+        t = next((t for t in self.reader.tensors if t.name == name), None)
+        if t is None:
+            raise EdgertError(f"missing tensor {name}")
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in numpy order."""
+        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A (small) tensor's values as float32 (gguf-py's dequantization)."""
+        return _dequantized(self._tensor(name), self.shape(name))
+
+
+def _first(value):
+    """A per-layer metadata array's first value (the architecture reads the rest)."""
+    return value[0] if isinstance(value, list) and value else value
+
 
 def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     """config.json fields for the GGUF's architecture: the llama-shaped keys every llama.cpp
@@ -236,14 +262,15 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
     module = for_gguf(arch)
     spec, m = module.GGUF, GGUFMeta(reader, tensor_names, arch)
     hidden, heads = int(m.need("embedding_length")), int(m.need("attention.head_count"))
-    kv_heads = int(m.get("attention.head_count_kv", heads))
-    head_dim = int(m.get("attention.key_length", hidden // heads))
+    kv_heads = int(_first(m.get("attention.head_count_kv", heads)))
+    head_dim = int(m.get("attention.key_length", hidden // max(heads, 1)))
     vocab = m.get("vocab_size") or len(m.raw("tokenizer.ggml.tokens", []))
     config = {
         "architectures": [spec.hf_class],
         "model_type": module.MODEL_TYPES[0],
         "hidden_size": hidden,
-        "intermediate_size": int(m.need("feed_forward_length")),
+        "intermediate_size": int(_first(m.get("feed_forward_length"))
+                                 or m.need("feed_forward_length")),
         "num_hidden_layers": int(m.need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -271,6 +298,7 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
                 m.get("rope.scaling.original_context_length", 4096))}
     elif kind not in (None, "none"):
         raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
+    check_config(config, _hf_shapes(reader, config["model_type"]))  # before anything is sized
     return spec.config(m, config) if spec.config else config
 
 
@@ -293,6 +321,8 @@ def hf_names(gguf_name: str, model_type: str = "llama") -> list[str] | None:
     spec = architecture(model_type).GGUF
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
+        if part in spec.parameters and kind == "weight":
+            return [f"model.layers.{layer}.{spec.parameters[part]}"]
         target = spec.tensors.get(part)
         if target is None:
             return None
@@ -321,6 +351,19 @@ def split_rows(record: TensorRecord, names: list[str]) -> list[TensorRecord]:
             record, name=name, value=value,
             note="; ".join(x for x in (record.note, f"rows {i + 1} of {n} of the fused tensor") if x),
             reference=None if ref is None else (lambda ref=ref, i=i: part(ref(), i))))
+    return out
+
+
+def _hf_shapes(reader: GGUFReader, model_type: str) -> dict[str, tuple[int, ...]]:
+    """HF name -> numpy-order shape (rows first) of every tensor with an HF counterpart (each
+    part of a fused tensor with its share of the rows)."""
+    out = {}
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape.tolist())]
+        names = hf_names(t.name, model_type) or []
+        if len(names) > 1:
+            shape[-2] //= len(names)
+        out |= {name: tuple(shape) for name in names}
     return out
 
 
@@ -502,7 +545,9 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
             if spec.validate is not None:
                 spec.validate(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), config)
         note = ""
-        if "rope_freqs.weight" in names:
+        if "rope_freqs.weight" in names and "rope_parameters" in config:
+            note = "rope_freqs tensor skipped: the architecture read it into rope_parameters"
+        elif "rope_freqs.weight" in names:
             freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
             note = "rope_freqs tensor skipped: all factors 1"
             if (scaling := llama3_scaling(freqs, config["rope_theta"], config["head_dim"])):

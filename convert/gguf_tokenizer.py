@@ -12,7 +12,7 @@ import json
 
 from edgert.errors import UnsupportedError
 from edgert.vocab import (NORMAL, PRE_TOKENIZERS, SPECIAL_IDS, add_bos_processor,
-                          add_vocab_specials, byte_level_bpe, sentencepiece_bpe)
+                          add_vocab_specials, byte_level_bpe, sentencepiece_bpe, spm_style_bpe)
 
 
 def _field(reader, key: str, default=None):
@@ -43,6 +43,9 @@ def tokenizer_files_from_gguf(reader) -> dict[str, bytes]:
         tok = sentencepiece_bpe(tokens, scores, types,
                                 bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
                                 names.get("unk_token"))
+        add_bos = True
+    elif kind == "gemma4":
+        tok = spm_style_bpe(tokens, _field(reader, "tokenizer.ggml.merges", []))
         add_bos = True
     else:
         raise UnsupportedError(f"GGUF tokenizer model {kind!r} is not supported")

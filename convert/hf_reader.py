@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from edgert.errors import EdgertError, UnsupportedError
+from edgert.validate import check_config
 
 from edgert.bitpack import pack_rows, unpack_rows  # noqa: F401 (tests import them from here)
 from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # noqa: F401
@@ -71,25 +73,90 @@ class TensorRef:
         return np.array(a)
 
 
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_json(path: Path, what: str = "JSON"):
+    """The parsed JSON file at `path`; EdgertError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgertError(f"{path}: not valid {what} ({e})") from None
+    except OSError as e:
+        raise EdgertError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those the index names (each inside `folder`), or
+    model*.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EdgertError(f"{index}: no weight_map of tensor name -> file name")
+    root = folder.resolve()
+    files = set()
+    for name in set(weight_map.values()):
+        f = (folder / name).resolve()
+        if Path(name).is_absolute() or f.parent != root:
+            raise EdgertError(f"{index}: file {name!r} lies outside the model folder")
+        if not f.is_file():
+            raise EdgertError(f"{index}: names {name!r}, which does not exist")
+        files.add(folder / name)
+    return sorted(files)
+
+
+def _header_refs(f: Path) -> dict[str, TensorRef]:
+    """The tensors of one safetensors file, from its header, each checked to lie inside the
+    file with exactly the bytes its dtype and shape need, and not overlapping another."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise EdgertError(f"{f}: truncated or corrupt safetensors file (a header of {n} "
+                              f"bytes in a file of {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgertError(f"{f}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise EdgertError(f"{f}: corrupt safetensors header (not an object)")
+    refs, spans, data = {}, [], size - 8 - n
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            ok = (all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(lo, int)
+                  and isinstance(hi, int) and 0 <= lo <= hi <= data and dtype in _ST_BYTES)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise EdgertError(f"{f}: corrupt safetensors entry for {name!r} ({e!r:.120})")
+        if hi - lo != math.prod(shape) * _ST_BYTES[dtype]:
+            raise EdgertError(f"{f}: tensor {name} holds {hi - lo} bytes, but {dtype} "
+                              f"{list(shape)} needs {math.prod(shape) * _ST_BYTES[dtype]}")
+        refs[name] = TensorRef(f, dtype, shape, 8 + n + lo)
+        spans.append((lo, hi, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise EdgertError(f"{f}: the data of tensors {a} and {b} overlap")
+    return refs
+
+
 def safetensors_index(folder: Path) -> dict[str, TensorRef]:
     """Every tensor of the folder's checkpoint (sharded through model.safetensors.index.json,
     or model*.safetensors), from the files' headers only."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    files = _shard_files(folder)
     if not files:
         raise EdgertError(f"{folder} has no *.safetensors")
     refs = {}
     for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, e in header.items():
-            if name != "__metadata__":
-                start = 8 + n + e["data_offsets"][0]
-                refs[name] = TensorRef(f, e["dtype"], tuple(e["shape"]), start)
+        refs.update(_header_refs(f))
     return dict(sorted(refs.items()))
 
 
@@ -606,7 +673,9 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         raise EdgertError(f"{path} is not a Hugging Face model folder (no config.json)")
     if scale_dtype not in SCALE_DTYPES:
         raise EdgertError(f"scale_dtype must be one of {list(SCALE_DTYPES)}")
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise EdgertError(f"{path / 'config.json'}: not a JSON object with a model_type")
     from edgert.models import architecture
 
     arch = architecture(config.get("model_type"))  # what is specific to it lives there
@@ -618,6 +687,11 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     refs, dropped = _renamed(safetensors_index(path), arch, config)
     if hasattr(arch, "hf_config"):
         config = arch.hf_config(config)
+    try:  # rows-first shapes only: packed GPTQ / AWQ / BitNet tensors are left out
+        check_config(config, {n: r.shape for n, r in refs.items() if r.dtype != "U8"
+                              and not n.endswith((".qweight", ".qzeros"))})
+    except EdgertError as e:
+        raise EdgertError(f"{path / 'config.json'}: {e}") from None
     if kind == "float" and any(n.endswith(".qweight") for n in refs):
         raise EdgertError(f"{path}: quantized tensors (qweight) but no quantization_config")
     if kind == "bitnet":

@@ -404,7 +404,9 @@ def load_for_bench(model_arg: str | None, synthetic: str | None, bits: int, grou
 
     path = ensure_package(model_arg)
     model, _ = load_model(path)
-    size = sum(f.stat().st_size for f in Path(path).glob("model*.safetensors"))
+    mapped = tuple(getattr(model, "package_files", {}).values())  # looked up, not read whole
+    size = sum(f.stat().st_size for f in Path(path).glob("model*.safetensors")
+               if f.name not in mapped) + getattr(model, "mapped_bytes_per_token", 0)
     return model, str(path), size
 
 

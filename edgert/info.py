@@ -15,7 +15,7 @@ def package_info(path: Path) -> dict:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     size = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
     by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0.0})
-    params, active, active_bytes = 0, 0.0, 0.0
+    params, active = 0, 0.0
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     top_k = text.get("num_experts_per_tok")
     for name, t in meta.get("tensors", {}).items():
@@ -26,7 +26,6 @@ def package_info(path: Path) -> dict:
         # a token reads k of each MoE layer's E experts
         share = top_k / t["experts"] if t.get("experts") and top_k else 1.0
         active += n * share
-        active_bytes += n * share * t["bits_per_weight"] / 8
         key = t["source_type"]
         if "bits" in t:
             key += f" → {t['bits']}-bit g{t['group_size']} ({t['class']})"
@@ -37,6 +36,7 @@ def package_info(path: Path) -> dict:
         entry["parameters"] += n
         entry["bytes"] += n * t["bits_per_weight"] / 8
     q = config.get("quantization") or {}
+    residency = _residency(config, meta.get("tensors", {}), top_k)
     return {
         "path": str(path),
         "architecture": config.get("model_type"),
@@ -47,16 +47,44 @@ def package_info(path: Path) -> dict:
         "context_length": config.get("max_position_embeddings"),
         "parameters": params or None,
         "active_parameters": round(active) or None,  # per token: k of E experts (MoE)
-        "bytes_per_token": round(active_bytes) or None,  # weights read per decoded token
         "experts": (f"{top_k} of {text.get('num_experts') or text.get('num_local_experts')}"
                     if top_k else None),
         "size_bytes": size,
         "bits_per_weight": round(8 * size / params, 3) if params else None,
         "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q},
         "by_type": dict(by_type),
+        **residency,
         "source": meta.get("source", {}),
         "tensors": meta.get("tensors", {}),
     }
+
+
+def _residency(config: dict, tensors: dict, top_k: int | None = None) -> dict:
+    """Stored vs resident parameters and the weight bytes a decode step reads: modules the
+    architecture keeps in a memory-mapped file of its own (Model.package_files, e.g. Gemma 4's
+    per-layer embeddings) are stored but not resident, and a token reads one row of each;
+    of a stacked MoE tensor of E experts a token reads the k (`top_k`) it is routed to."""
+    from .errors import EdgertError
+    from .models import get_classes
+
+    try:
+        mapped = tuple(getattr(get_classes(config.get("model_type", ""))[0], "package_files", {}))
+    except EdgertError:
+        mapped = ()
+    stored = resident = read = 0
+    for name, t in tensors.items():
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        nbytes = n * t["bits_per_weight"] / 8
+        stored += n
+        if any(name.startswith(m + ".") for m in mapped):
+            read += nbytes / t["shape"][0]  # one row per token
+        else:
+            resident += n
+            read += nbytes * (top_k / t["experts"] if t.get("experts") and top_k else 1.0)
+    return {"stored_parameters": stored or None, "resident_parameters": resident or None,
+            "bytes_read_per_token": int(read) or None}
 
 
 def print_info(s: dict, tensors: bool = False) -> None:
@@ -74,8 +102,12 @@ def print_info(s: dict, tensors: bool = False) -> None:
     if s.get("experts"):
         head.add_row("experts per token", s["experts"])
         head.add_row("active parameters", f"{s['active_parameters'] / 1e6:.1f} M per token")
-    if s.get("bytes_per_token"):
-        head.add_row("bytes per token", f"{s['bytes_per_token'] / 2**20:.1f} MiB of weights read")
+    if s.get("resident_parameters") and s["resident_parameters"] != s["stored_parameters"]:
+        head.add_row("stored parameters", f"{s['stored_parameters'] / 1e6:.1f} M")
+        head.add_row("resident parameters", f"{s['resident_parameters'] / 1e6:.1f} M "
+                     "(the rest is looked up from a memory-mapped file)")
+    if s.get("bytes_read_per_token"):
+        head.add_row("weight bytes read per token", f"{s['bytes_read_per_token'] / 2**20:.1f} MiB")
     head.add_row("size", f"{s['size_bytes'] / 2**20:.1f} MiB")
     if s["bits_per_weight"]:
         head.add_row("bits per weight", f"{s['bits_per_weight']:.3f}")

@@ -90,6 +90,22 @@ def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str) -> To
     return tok
 
 
+def spm_style_bpe(tokens: Sequence[str], merges: Sequence[str]) -> Tokenizer:
+    """Gemma 4's vocabulary (llama.cpp tokenizer model "gemma4"): BPE with ranked merges over
+    raw UTF-8 with spaces as `▁`, no word-level split (llama.cpp splits only at newline runs,
+    which no merge crosses), `<0xXX>` byte fallback."""
+    pairs = []
+    for m in merges:  # llama.cpp splits at the first space after the first character
+        i = m.find(" ", 1)
+        pairs.append((m[:i], m[i + 1:]))
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok
+
+
 def sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int],
                       add_space_prefix: bool, unk: str | None = None,
                       byte_fallback: bool = True) -> Tokenizer:

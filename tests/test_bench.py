@@ -162,3 +162,19 @@ def test_no_ceiling_below_a_measured_run():
                             size_bytes=10**9, bits_per_weight=4.0, load_s=0.0, bandwidth_gbs=200.0)
     mac.settle_bandwidth()
     assert mac.bandwidth_gbs == 273 and "specification" in mac.bandwidth_source
+
+
+def test_cache_profile_counts_each_cache_kind(tmp_path):
+    """Gemma 3: global layers' KV grows with depth, sliding layers' stops at the window (8)."""
+    from test_models import hf_model
+
+    from edgert.package import load_model
+
+    hf_model("gemma3", tmp_path)  # 4 layers, every second one sliding
+    model, _ = load_model(tmp_path)
+    p = bench.CacheProfile.of(model)
+    per = 2 * 2 * 16 * 4  # K and V, 2 kv heads, head_dim 16, float32
+    assert p.kv_per_position == 2 * per and p.windows == [(per, 8), (per, 8)]
+    assert p.recurrent == 0
+    assert p.bytes_read(100) == 2 * per * 100 + 2 * per * 8
+    assert p.bytes_read(4) == 2 * per * 4 + 2 * per * 4

@@ -238,7 +238,7 @@ def test_info_counts_active_parameters(tmp_path):
     assert s["active_parameters"] == s["parameters"] - experts + experts * k // E
     assert s["experts"] == "2 of 8"
     per_expert_bytes = 3 * I * H * 4.5 / 8  # 4-bit g64 with f16 scales and biases
-    assert s["bytes_per_token"] < s["size_bytes"] - 2 * (E - k) * per_expert_bytes + 1024
+    assert s["bytes_read_per_token"] < s["size_bytes"] - 2 * (E - k) * per_expert_bytes + 1024
     info = run("info", str(package), env_home=tmp_path)
     assert info.returncode == 0 and "active parameters" in info.stdout
 

@@ -85,6 +85,8 @@ class GGUFSpec:
     config: Any = None  # (meta, config) -> config
     transform: Any = _no_transform
     validate: Any = None
+    parameters: dict[str, str] = field(default_factory=dict)  # blk.N.<key>.weight -> a bare
+    # parameter model.layers.N.<value> (no .weight), e.g. Gemma 4's layer_scalar
     global_tensors: dict[str, str] = field(default_factory=lambda: {
         "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"})
     default_rope_theta: float = 10000.0

@@ -120,6 +120,8 @@ def rope_inv_freq(dims: int, base: float, scaling: dict | None) -> np.ndarray:
     """(dims // 2,) inverse frequencies, as the runtime computes them."""
     from edgert.models.rope import inv_frequencies
 
+    if (scaling or {}).get("rope_type") == "yarn":  # its attention factor is not in the tables
+        raise UnsupportedError("Core ML export: yarn rope scaling")
     try:
         return inv_frequencies(dims, base, scaling)
     except UnsupportedError as e:

@@ -679,7 +679,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     from edgert.models import architecture
 
     arch = architecture(config.get("model_type"))  # what is specific to it lives there
-    _check_config(path, config)
+    _check_config(path, arch, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
@@ -712,6 +712,15 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     )
 
 
+def _check_config(path: Path, arch, config: dict) -> None:
+    """Build the architecture's arguments once, so that a config it cannot run from fails
+    here, before anything is written (one-line EdgertError)."""
+    try:
+        arch.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
+
+
 def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:
     """The checkpoint's tensors under the names the architecture keeps (its `hf_name`; None
     drops a tensor, e.g. a vision tower), and a one-line account of what was dropped."""
@@ -729,17 +738,6 @@ def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, 
         return dict(sorted(kept.items())), ""
     stems = sorted({n.split(".")[0] + "." + n.split(".")[1] if "." in n else n for n in dropped})
     return dict(sorted(kept.items())), f"{len(dropped)} tensors left out ({', '.join(stems[:3])})"
-
-
-def _check_config(path: Path, config: dict) -> None:
-    """Build the architecture's arguments once, so that a config it cannot run from fails
-    here, before anything is written (one-line EdgertError)."""
-    from edgert.models import get_classes
-
-    try:
-        get_classes(config["model_type"])[1].from_dict(config)
-    except TypeError as e:
-        raise EdgertError(f"{path}/config.json: {e}") from None
 
 
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,

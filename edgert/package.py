@@ -85,12 +85,13 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
-def check_fits(path: Path) -> None:
+def check_fits(path: Path, exclude: tuple = ()) -> None:
     """Refuse, in one line, a package whose weights exceed the memory available (loading it
-    would swap): names its size, the memory available and what would fit."""
+    would swap): names its size, the memory available and what would fit. Files the model
+    maps itself (`exclude`) are not loaded, so they do not count."""
     from .bench import available_memory_bytes
 
-    size = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
+    size = sum(f.stat().st_size for f in path.glob("model*.safetensors") if f.name not in exclude)
     avail = available_memory_bytes()
     if size > avail:
         gib = 2**30
@@ -131,18 +132,17 @@ def load_model(path: str | Path, lazy: bool = False,
     bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
-    weights = load_weights(path)  # lazy: headers only until evaluated
+    model_cls, args_cls = get_classes(config.get("model_type"))
+    # files the model maps itself (Gemma 4's PLE table) are not loaded as weights
+    own_files = tuple(getattr(model_cls, "package_files", {}).values())
+    weights = load_weights(path, exclude=own_files)  # lazy: headers only until evaluated
     check_package(path, config, weights)
-    check_fits(path)
-    model_cls, args_cls = get_classes(config["model_type"])
+    check_fits(path, own_files)
     try:
         args = args_cls.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
     model = model_cls(args)
-    own_files = tuple(getattr(model, "package_files", {}).values())
-    if own_files:  # files the model maps itself (Gemma 4's PLE table) are not loaded
-        weights = load_weights(path, exclude=own_files)
     raw = weights
     weights = model.sanitize(dict(raw))
     q = config.get("quantization")

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import EdgertError, UnsupportedError
-from .base import BaseModelArgs, attention, causal_mask, embed
+from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed
 from .cache import KVCache, RecurrentCache, first_of
 from .gated_delta import decay_and_rate, gated_delta, l2_normalize
 from .rope import initialize_rope
@@ -337,9 +337,161 @@ def hf_name(name: str, config: dict) -> str | None:
     return name
 
 
+def hf_config(config: dict) -> dict:
+    """The package's config, flat and as mlx-lm reads it: a VL wrapper's text_config becomes
+    the config (the vision config goes with the vision tower; the wrapper's
+    tie_word_embeddings governs), model_type "qwen3_5" (mlx-lm has no "qwen3_5_text"), and
+    periodic layer_types also as full_attention_interval (all that mlx-lm reads of them)."""
+    config = dict(config)
+    if isinstance(text := config.pop("text_config", None), dict):
+        config.pop("vision_config", None)
+        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+        config = {**config, **text, "tie_word_embeddings": tied}
+    config["model_type"] = "qwen3_5"
+    return _with_interval(config)
+
+
+def _with_interval(config: dict) -> dict:
+    """full_attention_interval beside layer_types where they follow one (for mlx-lm)."""
+    types = config.get("layer_types") or []
+    n = next((i + 1 for i, t in enumerate(types) if t == FULL), None)
+    if n and types == [FULL if (i + 1) % n == 0 else LINEAR for i in range(len(types))]:
+        config["full_attention_interval"] = n
+    return config
+
+
 def quant_policy(name: str, shape: tuple, config: dict):
     """Keep conv1d, A_log, dt_bias and norms float (mlx-lm does too); everything else, the
     small in_proj_a / in_proj_b included, at the default layout, as mlx-lm's dense Qwen3.5."""
     if not name.endswith(".weight") or "conv1d" in name or "norm" in name:
         return False
     return None
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp "qwen35")
+#
+# llama.cpp's converter (conversion/qwen.py, Qwen3_5TextModel) changes, and this undoes:
+# norms stored as 1 + w (all but linear_attn.norm); A_log stored as ssm_a = -exp(A_log);
+# conv1d squeezed to (C, K); and where value heads outnumber key heads (r = Hv / Hk > 1) the
+# value heads reordered from grouped by key head [k0v0..k0v(r-1), k1v0, ...] to tiled
+# [k0v0, k1v0, ..., k0v1, k1v1, ...] in in_proj_qkv's v rows, in_proj_z, in_proj_a/b, A_log,
+# dt_bias, conv1d's v channels (rows) and out_proj's columns.
+
+GGUF_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
+    "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a",
+    "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm",
+    "ssm_out": "linear_attn.out_proj",
+}
+# block tensors without a .weight / .bias of their own name: GGUF leaf -> HF leaf
+GGUF_LEAVES = {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}
+_SHIFTED = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight",
+            "q_norm.weight", "k_norm.weight")
+
+
+def gguf_config(meta, config: dict) -> dict:
+    """The qwen35 keys on top of the llama-shaped ones: linear-attention shapes (ssm.*), which
+    layers are recurrent (attention.recurrent_layers, else full_attention_interval), partial
+    rotary (rope.dimension_count) and mRoPE sections."""
+    recurrent = meta.get("attention.recurrent_layers")
+    n = config["num_hidden_layers"]
+    if recurrent is not None:
+        layer_types = [LINEAR if r else FULL for r in list(recurrent)[:n]]
+    elif (interval := meta.get("full_attention_interval")) is not None:
+        layer_types = [FULL if (i + 1) % int(interval) == 0 else LINEAR for i in range(n)]
+    else:
+        raise EdgertError(f"missing metadata {meta.arch}.attention.recurrent_layers "
+                          f"(or {meta.arch}.full_attention_interval)")
+    n_v = int(meta.need("ssm.time_step_rank"))
+    rope = {"rope_type": "default", "rope_theta": config["rope_theta"],
+            "partial_rotary_factor": int(meta.need("rope.dimension_count")) / config["head_dim"]}
+    if sections := meta.get("rope.dimension_sections"):
+        rope["mrope_section"] = [int(s) for s in list(sections)[:3]]
+    rope.update(config.pop("rope_scaling", None) or {})
+    return _with_interval({**config, "layer_types": layer_types, "rope_parameters": rope,
+            "linear_conv_kernel_dim": int(meta.need("ssm.conv_kernel")),
+            "linear_key_head_dim": int(meta.need("ssm.state_size")),
+            "linear_num_key_heads": int(meta.need("ssm.group_count")),
+            "linear_num_value_heads": n_v,
+            "linear_value_head_dim": int(meta.need("ssm.inner_size")) // n_v})
+
+
+def _map_arrays(value, fn):
+    """`fn` on a float array, or on each array of a QuantTensor (its rows move whole)."""
+    from ..quant import QuantTensor
+
+    if isinstance(value, QuantTensor):
+        biases = None if value.biases is None else fn(value.biases)
+        return QuantTensor(fn(value.w_q), fn(value.scales), biases, value.bits,
+                           value.group_size, value.mode)
+    return fn(value)
+
+
+def _grouped(x, axis: int, n_k: int, r: int, start: int = 0):
+    """Value heads along `axis` (from `start`) from llama.cpp's tiled order (r, n_k, d) back to
+    HF's grouped one (n_k, r, d); d, the entries per head, is what is left of the axis."""
+    import numpy as np
+
+    head, tail = np.split(x, [start], axis=axis) if start else (None, x)
+    shape = tail.shape
+    d = shape[axis] // (n_k * r)
+    split = (*shape[:axis], r, n_k, d, *shape[axis + 1:])
+    tail = tail.reshape(split).swapaxes(axis, axis + 1).reshape(shape)
+    return tail if head is None else np.concatenate([head, tail], axis=axis)
+
+
+def gguf_transform(name: str, value, config: dict):
+    """A GGUF tensor (float32 array or QuantTensor) in HF's convention (see above)."""
+    import numpy as np
+
+    from ..quant import QuantTensor
+
+    n_k, n_v = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    r = n_v // n_k
+    key_dim = n_k * config["linear_key_head_dim"]
+    quantized = isinstance(value, QuantTensor)
+    leaf = name.split("linear_attn.")[-1]
+
+    def rows(x, start=0):
+        return x if r == 1 else _map_arrays(x, lambda a: _grouped(a, 0, n_k, r, start))
+
+    if name.endswith(_SHIFTED):
+        return value - 1.0
+    if leaf in ("in_proj_z.weight", "in_proj_a.weight", "in_proj_b.weight", "dt_bias"):
+        return rows(value)
+    if leaf == "A_log":
+        return np.log(-rows(value))
+    if leaf == "in_proj_qkv.weight":
+        return rows(value, 2 * key_dim)
+    if leaf == "conv1d.weight":
+        if quantized:
+            raise EdgertError(f"{name}: a quantized conv1d kernel is not supported")
+        return rows(value, 2 * key_dim)[:, None, :]  # (C, K) -> HF (C, 1, K)
+    if leaf == "out_proj.weight" and r > 1:
+        return _columns_grouped(name, value, n_k, r, config["linear_value_head_dim"])
+    return value
+
+
+def _columns_grouped(name: str, value, n_k: int, r: int, dv: int):
+    """out_proj's input columns (value heads of dv each) back to grouped order; a quantized
+    tensor moves whole groups, so dv must be a multiple of its group size (and of 32 / bits
+    words)."""
+    from ..quant import QuantTensor
+
+    if not isinstance(value, QuantTensor):
+        return _grouped(value, 1, n_k, r)
+    if dv % value.group_size or (dv * value.bits) % 32:
+        raise EdgertError(f"{name}: value heads of {dv} columns cannot move in groups of "
+                          f"{value.group_size} ({value.bits}-bit)")
+    biases = None if value.biases is None else _grouped(value.biases, 1, n_k, r)
+    return QuantTensor(_grouped(value.w_q, 1, n_k, r), _grouped(value.scales, 1, n_k, r),
+                       biases, value.bits, value.group_size, value.mode)
+
+
+GGUF = GGUFSpec("qwen35", "Qwen3_5ForCausalLM", GGUF_TENSORS, config=gguf_config,
+                transform=gguf_transform, leaves=GGUF_LEAVES)

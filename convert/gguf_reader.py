@@ -321,7 +321,7 @@ def hf_names(gguf_name: str, model_type: str = "llama") -> list[str] | None:
     spec = architecture(model_type).GGUF
     layer, _, leaf = gguf_name.removeprefix("blk.").partition(".")
     if gguf_name.startswith("blk.") and leaf in spec.leaves:
-        return f"model.layers.{layer}.{spec.leaves[leaf]}"
+        return [f"model.layers.{layer}.{spec.leaves[leaf]}"]
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
         if part in spec.parameters and kind == "weight":

@@ -311,6 +311,9 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     from edgert.models import architecture
 
     spec = architecture(model_type).GGUF
+    layer, _, leaf = gguf_name.removeprefix("blk.").partition(".")
+    if gguf_name.startswith("blk.") and leaf in spec.leaves:
+        return f"model.layers.{layer}.{spec.leaves[leaf]}"
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
         names = spec.tensors
@@ -438,7 +441,7 @@ def _wants_change(want: dict | None, value) -> bool:
 def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = None,
               overrides: dict[str, dict] | None = None, requantize: bool = False,
               scale_dtype: str = "float16") -> CanonicalModel:
-    """Read a GGUF file (llama, qwen2, qwen3) as a CanonicalModel with HF names.
+    """Read a GGUF file (an architecture with a GGUF spec) as a CanonicalModel with HF names.
 
     Tensor types map onto MLX exactly where they can (convert/gguf_types.py); `bits`,
     `group_size` and `overrides` (module path or fnmatch pattern -> {"bits", "group_size"})
@@ -459,6 +462,10 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         from edgert.models import architecture
 
         spec = architecture(arch).GGUF
+        try:  # a config the architecture cannot be built from fails here, before any write
+            architecture(arch).ModelArgs.from_dict(config)
+        except TypeError as e:
+            raise EdgertError(f"config derived from the metadata: {e}") from None
         kept = [t for t in reader.tensors if t.name not in SKIPPED]
         for t in kept:
             if hf_name(t.name, arch) is None:

@@ -491,6 +491,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     refs, dropped = _renamed(safetensors_index(path), arch, config)
     if hasattr(arch, "hf_config"):
         config = arch.hf_config(config)
+    _check_config(path, arch, config)  # the config the package stores (a wrapper's text model)
     try:  # rows-first shapes only: packed GPTQ / AWQ / BitNet tensors are left out
         check_config(config, {n: r.shape for n, r in refs.items() if r.dtype != "U8"
                               and not n.endswith((".qweight", ".qzeros"))})
@@ -516,6 +517,15 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
                 "files": sorted({r.file.name for r in refs.values()}),
                 **({"dropped": dropped} if dropped else {})},
     )
+
+
+def _check_config(path: Path, arch, config: dict) -> None:
+    """Build the architecture's arguments once, so that a config it cannot run from fails
+    here, before anything is written (one-line EdgertError)."""
+    try:
+        arch.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
 
 
 def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:

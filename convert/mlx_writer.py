@@ -128,6 +128,7 @@ def write_mlx_package(model: CanonicalModel, out: Path, *, force: bool = False,
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
+    _check_config(model.config)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         sweep_partials(out.parent)  # what writers killed earlier left behind
@@ -231,6 +232,21 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
     meta = {"format_version": FORMAT_VERSION, "source": model.source, "totals": _totals(totals),
             "tensors": reports}
     (folder / "edgert.json").write_text(json.dumps(meta, indent=2))
+
+
+def _check_config(config: dict) -> None:
+    """Refuse, before anything is written, a config the runtime could not build a model from
+    (the architecture's ModelArgs raise a one-line EdgertError, e.g. Gemma 4's KV sharing)."""
+    from edgert.models import get_classes
+
+    try:
+        _, args_cls = get_classes(config.get("model_type", ""))
+    except EdgertError:
+        return  # an architecture only other engines run: nothing to check here
+    try:
+        args_cls.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"config: {e}") from None
 
 
 def _own_files(config: dict) -> dict[str, str]:

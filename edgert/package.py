@@ -104,17 +104,16 @@ def load_model(path: str | Path, lazy: bool = False,
     bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
-    weights = load_weights(path)  # lazy: headers only until evaluated
+    model_cls, args_cls = get_classes(config.get("model_type"))
+    # files the model maps itself (Gemma 4's PLE table) are not loaded as weights
+    own_files = tuple(getattr(model_cls, "package_files", {}).values())
+    weights = load_weights(path, exclude=own_files)  # lazy: headers only until evaluated
     check_package(path, config, weights)
-    model_cls, args_cls = get_classes(config["model_type"])
     try:
         args = args_cls.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
     model = model_cls(args)
-    own_files = tuple(getattr(model, "package_files", {}).values())
-    if own_files:  # files the model maps itself (Gemma 4's PLE table) are not loaded
-        weights = load_weights(path, exclude=own_files)
     weights = model.sanitize(weights)
     if mx.default_device() == mx.cpu:
         # float32 scales and biases once here, rather than a cast in every quantized matmul

@@ -516,3 +516,14 @@ def test_bench_counts_one_ple_row_per_token(packages):
     row = sum(e["data_offsets"][1] - e["data_offsets"][0]
               for k, e in ple.items() if k != "__metadata__") // VOCAB
     assert size == (pkg / "model.safetensors").stat().st_size + row
+
+
+def test_bad_config_fails_at_convert_leaving_nothing(hf_text, tmp_path):
+    folder, _ = hf_text
+    bad = tmp_path / "hf"
+    shutil.copytree(folder, bad)
+    cfg = json.loads((bad / "config.json").read_text()) | {"num_kv_shared_layers": 8}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgertError, match="num_kv_shared_layers 8 must be below"):
+        convert_file(bad, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no package, no temporary

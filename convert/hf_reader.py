@@ -484,7 +484,6 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     from edgert.models import architecture
 
     arch = architecture(config.get("model_type"))  # what is specific to it lives there
-    _check_config(path, arch, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
@@ -517,15 +516,6 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
                 "files": sorted({r.file.name for r in refs.values()}),
                 **({"dropped": dropped} if dropped else {})},
     )
-
-
-def _check_config(path: Path, arch, config: dict) -> None:
-    """Build the architecture's arguments once, so that a config it cannot run from fails
-    here, before anything is written (one-line EdgertError)."""
-    try:
-        arch.ModelArgs.from_dict(config)
-    except TypeError as e:
-        raise EdgertError(f"{path}/config.json: {e}") from None
 
 
 def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:

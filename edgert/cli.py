@@ -225,9 +225,6 @@ def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtyp
     if dropped := meta.get("source", {}).get("dropped"):  # said once: what was left out
         click.echo(f"{src}: {dropped}", err=True)
     click.echo(f"wrote {path}")
-    source = json.loads((path / "edgert.json").read_text()).get("source", {})
-    if source.get("dropped"):  # e.g. a vision tower the architecture leaves out
-        click.echo(f"note: {source['dropped']}")
 
 
 @cli.command()

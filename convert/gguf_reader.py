@@ -462,6 +462,10 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         from edgert.models import architecture
 
         spec = architecture(arch).GGUF
+        try:  # a config the architecture cannot be built from fails here, before any write
+            architecture(arch).ModelArgs.from_dict(config)
+        except TypeError as e:
+            raise EdgertError(f"config derived from the metadata: {e}") from None
         kept = [t for t in reader.tensors if t.name not in SKIPPED]
         for t in kept:
             if hf_name(t.name, arch) is None:

@@ -519,6 +519,15 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     )
 
 
+def _check_config(path: Path, arch, config: dict) -> None:
+    """Build the architecture's arguments once, so that a config it cannot run from fails
+    here, before anything is written (one-line EdgertError)."""
+    try:
+        arch.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
+
+
 def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:
     """The checkpoint's tensors under the names the architecture keeps (its `hf_name`; None
     drops a tensor, e.g. a vision tower), and a one-line account of what was dropped."""

@@ -222,6 +222,9 @@ def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtyp
                         group_size=None if group_size is None else int(group_size),
                         overrides=overrides, requantize=requantize, scale_dtype=scale_dtype)
     click.echo(f"wrote {path}")
+    source = json.loads((path / "edgert.json").read_text()).get("source", {})
+    if source.get("dropped"):  # e.g. a vision tower the architecture leaves out
+        click.echo(f"note: {source['dropped']}")
 
 
 @cli.command()

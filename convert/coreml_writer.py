@@ -678,6 +678,8 @@ def package_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
     (the Swift bridge reads tokenizer.json only)."""
     if "tokenizer.json" in files or "tokenizer.model" not in files:
         return dict(files)
+    import tempfile
+
     from edgert.tokenizer import _sentencepiece_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -163,6 +163,34 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
                     dim=True, err=True)
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback unless you ask for another).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model-id", default=None,
+              help="The model name clients send (default: MODEL's file or folder name).")
+@click.option("--max-tokens", "-n", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate when a request does not say.")
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded at once (token by token in turn); the rest wait in line.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests allowed to wait; more are refused with 503.")
+@click.option("--prefix-cache-mb", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="Memory for cached prompt prefixes shared across requests.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_cache_mb,
+          log_level):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health; OpenAPI at /docs)."""
+    from .server import serve as run_server
+
+    run_server(model, host, port, model_id=model_id, max_active=parallel, max_queue=max_queue,
+               prefix_cache_bytes=prefix_cache_mb << 20, default_max_tokens=max_tokens,
+               log_level=log_level)
+
+
 def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:
     """('lm_head=8', '*.down_proj=6:32') -> {"lm_head": {"bits": 8}, "*.down_proj": {...}}."""
     out = {}

@@ -80,7 +80,11 @@ class KVCache:
         return (self.offset, self.keys[..., : self.offset, :], self.values[..., : self.offset, :])
 
     def restore(self, snap) -> None:
-        self.offset, self.keys, self.values = snap
+        # New array objects over the snapshot's buffers: a later in-place write (after a trim)
+        # then copies instead of changing the snapshot's arrays.
+        self.offset, keys, values = snap
+        self.keys = None if keys is None else keys[...]
+        self.values = None if values is None else values[...]
 
     @property
     def nbytes(self) -> int:

@@ -112,8 +112,17 @@ class BodyLimit:
     """ASGI middleware: refuse request bodies over `limit` bytes with 413, from the
     Content-Length header or while the body arrives."""
 
+    drain_limit = 256 << 20  # bodies up to this are read (and dropped) before the answer
+
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
+
+    @staticmethod
+    async def _drain(receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -121,6 +130,8 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
+            if length.isdigit() and int(length) <= self.drain_limit:
+                await self._drain(receive)  # so that the client reads the answer
             return await self._refuse(send)
         seen = 0
 

@@ -105,17 +105,49 @@ def coreml_export(f):
                              "(OUT must end in .mlpackage).")(wrapper)
 
 
+def recommended_options(f):
+    """Sampling options that default to the model's recommended sampling."""
+    for opt in reversed([
+        click.option("--max-tokens", "-n", default=1024, show_default=True,
+                     help="Most tokens per reply."),
+        click.option("--temp", default=None, type=float,
+                     help="Temperature; 0 is greedy (default: the model's recommended sampling "
+                          "from generation_config.json, else llama.cpp's: 0.8, top-k 40, "
+                          "top-p 0.95, min-p 0.05)."),
+        click.option("--top-p", default=None, type=float, help="Nucleus sampling mass."),
+        click.option("--top-k", default=None, type=int, help="Keep the k most likely tokens."),
+        click.option("--min-p", default=None, type=float,
+                     help="Drop tokens below min-p x the top probability."),
+        click.option("--repetition-penalty", default=None, type=float, help="e.g. 1.1."),
+        click.option("--seed", default=None, type=int, help="Random seed: same seed, same output."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def with_recommended(kw: dict, generation_config: dict | None) -> dict:
+    """Sampling keywords: the ones given on the command line, the model's for the rest."""
+    from .sample import recommended_sampling
+
+    given = {k: v for k, v in sampling_kwargs(kw).items() if v is not None}
+    if given.get("temp") == 0:  # greedy: the filters do not matter
+        return {"top_p": 0.0, "top_k": 0, "min_p": 0.0, **given}
+    return {"top_p": 0.0, "top_k": 0, "min_p": 0.0, **recommended_sampling(generation_config),
+            **given}
+
+
 @cli.command()
 @click.argument("model", required=False)
-@sampling_options
+@recommended_options
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
 def chat(model, system, max_tokens, engine, **kw):
     """Chat with a model, streaming. /reset starts over, /exit quits; Ctrl-C stops a reply."""
     from .chat import run_chat
 
-    run_chat(load_with_status(model, engine), system=system, max_tokens=max_tokens,
-             sampling=sampling_kwargs(kw))
+    loaded = load_with_status(model, engine)
+    run_chat(loaded, system=system, max_tokens=max_tokens,
+             sampling=with_recommended(kw, getattr(loaded[1], "generation_config", None)))
 
 
 @cli.command()

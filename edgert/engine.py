@@ -36,6 +36,7 @@ class Job:
     top_logprobs: int = 0
     processors: list = field(default_factory=list)  # extra logits processors (grammars)
     make_processors: Callable[[], list] | None = None  # built on the engine thread
+    checkpoints: list[int] = field(default_factory=list)  # prompt lengths worth a snapshot
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -158,11 +159,11 @@ class Engine:
             from .package import load_model
             from .prefix_cache import PrefixCache
             from .sample import recommended_sampling
-            from .tokenizer import _read_json, load_tokenizer
+            from .tokenizer import load_tokenizer
 
             self.model, self.config = load_model(self.path)
             self.tokenizer = load_tokenizer(self.path)
-            self.defaults = recommended_sampling(_read_json(self.path / "generation_config.json"))
+            self.defaults = recommended_sampling(self.tokenizer.generation_config)
             self.prefix = PrefixCache(self.model, self._prefix_bytes)
         except Exception as e:  # reported to the constructor
             self._load_error = e
@@ -215,6 +216,14 @@ class Engine:
             self._active = [(j, s) for j, s in self._active if j is not job]
             self.served += 1
 
+    def _prefill(self, ids: list[int], cache: list) -> None:
+        import mlx.core as mx
+
+        for i in range(0, len(ids), self.prefill_step_size):
+            self.model(mx.array(ids[i:i + self.prefill_step_size], dtype=mx.uint32)[None],
+                       cache=cache)
+            mx.eval([c.state for c in cache])
+
     def _generate(self, job: Job) -> Iterator[Event]:
         """The events of one job: deltas, then "done" with the usage."""
         import mlx.core as mx
@@ -225,6 +234,7 @@ class Engine:
 
         tok, ids = self.tokenizer, job.prompt
         cache, reused = self.prefix.fetch(ids)
+        cached_tokens = reused
         s = job.sampling
         sampler = make_sampler(s.get("temp", 0.0), s.get("top_p", 0.0), s.get("top_k", 0),
                                s.get("min_p", 0.0), s.get("seed"))
@@ -236,6 +246,11 @@ class Engine:
             if not trimmable(c):
                 self.prefix.store(ids[:-1], c)
 
+        if not trimmable(cache):  # snapshots where later prompts may diverge (a new turn)
+            for point in sorted(p for p in job.checkpoints if reused < p < len(ids) - 1):
+                self._prefill(ids[reused:point], cache)
+                self.prefix.store(ids[:point], cache)
+                reused = point
         steps = generate_step(mx.array(ids[reused:], dtype=mx.uint32), self.model,
                               max_tokens=job.max_tokens, sampler=sampler,
                               logits_processors=processors, prompt_cache=cache,
@@ -280,7 +295,7 @@ class Engine:
         n_out = len(generated) - (finish == "stop" and not hit and bool(generated))
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_out,
                  "total_tokens": len(ids) + n_out,
-                 "prompt_tokens_details": {"cached_tokens": reused}}
+                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}
         log.info("prompt %d tok (%d cached), %d generated, finish %s",
-                 len(ids), reused, n_out, finish)
+                 len(ids), cached_tokens, n_out, finish)
         yield Event("done", finish_reason=finish, usage=usage)

@@ -189,7 +189,8 @@ class Server:
 
     # prompts
 
-    def chat_prompt(self, req: ChatRequest) -> list[int]:
+    def chat_prompt(self, req: ChatRequest) -> tuple[list[int], list[int]]:
+        """The prompt's token ids, and where its last message starts (a snapshot point)."""
         tok = self.engine.tokenizer
         messages = []
         for m in req.messages:
@@ -200,9 +201,14 @@ class Server:
             kwargs["tools"] = req.tools
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+            # where the last message starts: a later turn shares what comes before
+            head = (tok.apply_chat_template(messages[:-1], add_generation_prompt=False, **kwargs)
+                    if len(messages) > 1 else "")
         except EdgertError as e:
             raise APIError(400, str(e), param="messages") from None
-        return tok.encode(text, add_special_tokens=not tok.has_chat_template)
+        ids = tok.encode(text, add_special_tokens=not tok.has_chat_template)
+        n = len(tok.encode(head, add_special_tokens=not tok.has_chat_template)) if head else 0
+        return ids, [n] if text.startswith(head) and 0 < n < len(ids) else []
 
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, list):
@@ -335,9 +341,10 @@ def create_app(engine: Engine, model_id: str, default_max_tokens: int = 512,
     async def chat_completions(req: ChatRequest, request: Request):
         """A chat completion (OpenAI Chat Completions API), streamed with `stream: true`."""
         q, emit = _emitter(asyncio.get_running_loop())
-        ids = srv.chat_prompt(req)
+        ids, checkpoints = srv.chat_prompt(req)
         job = srv.make_job(req, ids, req.max_completion_tokens or req.max_tokens, emit,
                            req.logprobs, req.top_logprobs or 0)
+        job.checkpoints = checkpoints
         srv.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model_id}

@@ -127,6 +127,7 @@ class Tokenizer:
         self._special_names = {k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                                if (v := _token_str(config.get(k))) is not None}
         model_config, generation_config = model_config or {}, generation_config or {}
+        self.generation_config: dict = generation_config  # the model's recommended sampling
         self.bos_token_id: int | None = (tok.token_to_id(self.bos_token) if self.bos_token
                                          else model_config.get("bos_token_id"))
         self.add_bos_token = bool(config.get("add_bos_token")) and self.bos_token_id is not None

@@ -62,11 +62,45 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class Function(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class NamedChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class JSONSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(Sampling):
@@ -183,7 +217,10 @@ class Server:
     """The request handling over an Engine: validation, prompts, jobs and responses."""
 
     def __init__(self, engine: Engine, model_id: str, default_max_tokens: int = 512):
+        from .tools import tool_format
+
         self.engine, self.model_id = engine, model_id
+        self.tool_format = tool_format(engine.tokenizer.chat_template)
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
 
@@ -195,10 +232,12 @@ class Server:
         messages = []
         for m in req.messages:
             extra = {k: v for k, v in (m.model_extra or {}).items() if v is not None}
+            if isinstance(extra.get("tool_calls"), list):  # templates take arguments as objects
+                extra["tool_calls"] = [_arguments_as_object(c) for c in extra["tool_calls"]]
             messages.append({"role": m.role, "content": _text_content(m.content), **extra})
         kwargs = {}
-        if getattr(req, "tools", None):
-            kwargs["tools"] = req.tools
+        if self.use_tools(req):
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
             # where the last message starts: a later turn shares what comes before
@@ -209,6 +248,53 @@ class Server:
         ids = tok.encode(text, add_special_tokens=not tok.has_chat_template)
         n = len(tok.encode(head, add_special_tokens=not tok.has_chat_template)) if head else 0
         return ids, [n] if text.startswith(head) and 0 < n < len(ids) else []
+
+    @staticmethod
+    def use_tools(req: ChatRequest) -> bool:
+        return bool(req.tools) and req.tool_choice != "none"
+
+    def grammar(self, req: ChatRequest) -> str | None:
+        """The grammar the reply must follow (response_format, or a forced tool call)."""
+        from .grammar import json_schema_grammar
+        from .tools import forced_call_grammar
+
+        choice = req.tool_choice
+        if self.use_tools(req) and (choice == "required" or isinstance(choice, NamedChoice)):
+            name = choice.function.name if isinstance(choice, NamedChoice) else None
+            if name is not None and name not in {t.function.name for t in req.tools}:
+                raise APIError(400, f"tool_choice names {name!r}, which is not among the tools",
+                               param="tool_choice")
+            tok = self.engine.tokenizer
+            special = {t: i for t in ("<tool_call>", "</tool_call>")
+                       if (i := tok.special_token_id(t)) is not None}
+            return forced_call_grammar([t.model_dump(exclude_none=True) for t in req.tools],
+                                       name, self.tool_format, special)
+        rf = req.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return json_schema_grammar({"type": "object"})
+        if rf.json_schema is None:
+            raise APIError(400, "response_format json_schema needs a json_schema",
+                           param="response_format")
+        try:
+            return json_schema_grammar(rf.json_schema.schema_)
+        except EdgertError as e:
+            raise APIError(400, str(e), param="response_format",
+                           code="invalid_json_schema") from None
+
+    def constrain(self, job: Job, grammar: str) -> None:
+        """Give the job a logits processor for `grammar` (400 if llguidance rejects it)."""
+        from .grammar import GrammarProcessor, check_grammar, ll_tokenizer
+
+        n_vocab = int(self.engine.config.get("vocab_size") or self.engine.tokenizer.vocab_size)
+        ll_tok = ll_tokenizer(self.engine.tokenizer, n_vocab)
+        try:
+            check_grammar(ll_tok, grammar)
+            job.processors.append(GrammarProcessor(ll_tok, grammar))
+        except EdgertError as e:
+            raise APIError(400, str(e), param="response_format",
+                           code="invalid_json_schema") from None
 
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, list):
@@ -345,13 +431,16 @@ def create_app(engine: Engine, model_id: str, default_max_tokens: int = 512,
         job = srv.make_job(req, ids, req.max_completion_tokens or req.max_tokens, emit,
                            req.logprobs, req.top_logprobs or 0)
         job.checkpoints = checkpoints
+        if (grammar := srv.grammar(req)) is not None:
+            await asyncio.to_thread(srv.constrain, job, grammar)
         srv.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model_id}
         events = srv.events(request, job, q)
+        tools = (srv.tool_format or "any") if srv.use_tools(req) else None
         if req.stream:
-            return _stream(events, head, "chat.completion.chunk", req, chat=True)
-        return await _collect(events, head, chat=True, logprobs=job.logprobs)
+            return _stream(events, head, "chat.completion.chunk", req, chat=True, tools=tools)
+        return await _collect(events, head, chat=True, logprobs=job.logprobs, tools=tools)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -385,8 +474,30 @@ def _completion_logprobs(entries: list | None) -> dict | None:
             "text_offset": []}
 
 
-async def _collect(events, head: dict, chat: bool, logprobs: bool,
-                   echo: str = "") -> JSONResponse:
+def _tool_calls(text: str, tools: str) -> tuple[str | None, list[dict]]:
+    from .tools import parse_tool_calls
+
+    if tools != "any":
+        return parse_tool_calls(text, tools)
+    for fmt in ("hermes", "llama3"):  # a template that names no format: try both
+        content, calls = parse_tool_calls(text, fmt)
+        if calls:
+            return content, calls
+    return text, []
+
+
+def _arguments_as_object(call) -> Any:
+    f = call.get("function") if isinstance(call, dict) else None
+    if isinstance(f, dict) and isinstance(f.get("arguments"), str):
+        try:
+            return {**call, "function": {**f, "arguments": json.loads(f["arguments"])}}
+        except json.JSONDecodeError:
+            pass
+    return call
+
+
+async def _collect(events, head: dict, chat: bool, logprobs: bool, echo: str = "",
+                   tools: str | None = None) -> JSONResponse:
     text, lps, done = [echo], [], None
     async for event in events:
         if event.kind == "error":
@@ -399,9 +510,14 @@ async def _collect(events, head: dict, chat: bool, logprobs: bool,
     if done is None:  # the client left; nobody reads this
         return JSONResponse({}, status_code=499)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": _chat_logprobs(lps) if logprobs else None,
-                  "finish_reason": done.finish_reason}
+        message = {"role": "assistant", "content": "".join(text)}
+        finish = done.finish_reason
+        if tools:
+            message["content"], calls = _tool_calls(message["content"], tools)
+            if calls:
+                message["tool_calls"], finish = calls, "tool_calls"
+        choice = {"index": 0, "message": message,
+                  "logprobs": _chat_logprobs(lps) if logprobs else None, "finish_reason": finish}
         body = {**head, "object": "chat.completion", "choices": [choice]}
     else:
         choice = {"index": 0, "text": "".join(text),
@@ -411,7 +527,10 @@ async def _collect(events, head: dict, chat: bool, logprobs: bool,
     return JSONResponse({**body, "usage": done.usage, "system_fingerprint": "edgert"})
 
 
-def _stream(events, head: dict, obj: str, req: Sampling, chat: bool) -> StreamingResponse:
+def _stream(events, head: dict, obj: str, req: Sampling, chat: bool,
+            tools: str | None = None) -> StreamingResponse:
+    """Server-sent events; with tools the reply is held back until it is complete and then
+    sent as content or as tool calls."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(delta_text: str | None, logprobs, finish: str | None, role: bool = False) -> dict:
@@ -431,6 +550,7 @@ def _stream(events, head: dict, obj: str, req: Sampling, chat: bool) -> Streamin
     async def body():
         if chat:
             yield _sse(chunk(None, None, None, role=True))
+        held: list[str] = []
         async for event in events:
             if event.kind == "error":
                 e = event.error
@@ -438,11 +558,25 @@ def _stream(events, head: dict, obj: str, req: Sampling, chat: bool) -> Streamin
                 yield _sse(error_body(msg, "server_error"))
                 break
             if event.kind == "delta":
-                yield _sse(chunk(event.text, event.logprobs, None))
-            else:
-                yield _sse(chunk(None if chat else "", None, event.finish_reason))
-                if include_usage:
-                    yield _sse({**head, "object": obj, "choices": [], "usage": event.usage})
+                if tools:
+                    held.append(event.text)
+                else:
+                    yield _sse(chunk(event.text, event.logprobs, None))
+                continue
+            finish = event.finish_reason
+            if tools:
+                content, calls = _tool_calls("".join(held), tools)
+                if content:
+                    yield _sse(chunk(content, None, None))
+                if calls:
+                    c = chunk(None, None, None)
+                    c["choices"][0]["delta"] = {"tool_calls": [
+                        {"index": i, **call} for i, call in enumerate(calls)]}
+                    yield _sse(c)
+                    finish = "tool_calls"
+            yield _sse(chunk(None if chat else "", None, finish))
+            if include_usage:
+                yield _sse({**head, "object": obj, "choices": [], "usage": event.usage})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",

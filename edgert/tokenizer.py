@@ -155,6 +155,11 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` where the vocabulary has it as one special (added) token."""
+        return next((i for i, t in self._tok.get_added_tokens_decoder().items()
+                     if t.content == text and t.special), None)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`. Special tokens written in the text become their ids; with
         `add_special_tokens` BOS goes in front when the tokenizer asks for it (not twice when

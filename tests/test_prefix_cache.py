@@ -179,3 +179,24 @@ def test_server_reuses_prefixes_on_a_sliding_window_model_streamed(sliding_packa
     n_system = len(tok.encode(tok.apply_chat_template([system], add_generation_prompt=False),
                               add_special_tokens=False))
     assert cached[1] == n_system
+
+
+def test_bounded_load_every_request_answered_or_refused_and_memory_back(sliding_package):
+    """bench/load_test.py, small: 60 requests from 4 clients (streamed, cancelled mid-stream,
+    malformed), a queue of 2 so that some are refused with 503."""
+    import sys
+    from pathlib import Path
+
+    from server_util import running_server
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from load_test import run_load
+
+    with running_server(sliding_package, model_id="g", max_active=2, max_queue=2,
+                        prefix_cache_bytes=4 << 20) as (url, _):
+        report = run_load(url, "g", requests=60, clients=4, max_tokens=4)
+    assert report["ok"], report
+    assert report["outcomes"].get("answered", 0) > 20 and report["outcomes"].get("cancelled")
+    assert report["outcomes"].get("refused-bad")
+    assert report["memory_growth_bytes"] <= 1 << 20, report
+    assert report["prefix_cache_bytes"] <= 4 << 20

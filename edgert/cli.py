@@ -158,7 +158,10 @@ def chat(model, system, max_tokens, engine, **kw):
 @click.option("--system", default=None, help="System prompt (with the chat template).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
-def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
+@click.option("--prompt-cache", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A prompt cache from `edgert cache-prompt`: its tokens, where "
+                                 "the prompt starts with them, are not computed again.")
+def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cache, **kw):
     """Generate a reply to PROMPT with MODEL."""
     from .generation import stream_generate
 
@@ -173,8 +176,19 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
             {"role": "user", "content": prompt}]
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=raw or not tok.has_chat_template)
+    cache, cached = None, 0
+    if prompt_cache is not None:
+        if engine == "coreml" or (model and Path(model).suffix == ".mlpackage"):
+            raise EdgertError("--prompt-cache needs the mlx engine")
+        from .convert.api import ensure_package
+        from .prefix_cache import PrefixCache
+
+        prefix = PrefixCache(m)
+        prefix.load(prompt_cache, ensure_package(model))
+        cache, cached = prefix.fetch(ids)
     pieces, tokens, last = [], [], None
-    for r in stream_generate(m, tok, ids, max_tokens, **sampling_kwargs(kw)):
+    for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache,
+                             **sampling_kwargs(kw)):
         pieces.append(r.text)
         if r.finish_reason is None:
             tokens.append(r.token)
@@ -184,7 +198,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
     if as_json:
         click.echo(json.dumps({
             "text": "".join(pieces), "tokens": tokens, "finish_reason": last.finish_reason,
-            "prompt_tokens": last.prompt_tokens, "generation_tokens": len(tokens),
+            "prompt_tokens": len(ids), "cached_tokens": cached, "generation_tokens": len(tokens),
             "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
             "peak_memory_gb": round(last.peak_memory_gb, 3),
         }, ensure_ascii=False))
@@ -210,17 +224,55 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
               help="Requests allowed to wait; more are refused with 503.")
 @click.option("--prefix-cache-mb", default=1024, show_default=True, type=click.IntRange(min=0),
               help="Memory for cached prompt prefixes shared across requests.")
+@click.option("--prompt-cache", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A prompt cache from `edgert cache-prompt` to start the prefix "
+                                 "cache with.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_cache_mb,
-          log_level):
+          prompt_cache, log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health; OpenAPI at /docs)."""
     from .server import serve as run_server
 
     run_server(model, host, port, model_id=model_id, max_active=parallel, max_queue=max_queue,
                prefix_cache_bytes=prefix_cache_mb << 20, default_max_tokens=max_tokens,
-               log_level=log_level)
+               prompt_cache=prompt_cache, log_level=log_level)
+
+
+@cli.command("cache-prompt")
+@click.argument("model", required=False)
+@click.option("--prompt", "-p", default=None, help="Text the cache holds, as given ('-' reads "
+              "standard input); generate --raw prompts that start with it reuse it.")
+@click.option("--system", default=None, help="A system prompt, rendered by the chat template: "
+              "chats (generate, serve) with this system prompt reuse it.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cache file (.safetensors).")
+def cache_prompt(model, prompt, system, out):
+    """Compute MODEL's cache for a prompt once and save it for generate/serve --prompt-cache."""
+    from .convert.api import ensure_package
+    from .package import load_model
+    from .prompt_cache import prefill_cache, save_prompt_cache
+    from .tokenizer import load_tokenizer
+
+    if (prompt is None) == (system is None):
+        raise EdgertError("give exactly one of --prompt and --system")
+    path = ensure_package(model)
+    tok = load_tokenizer(path)
+    if system is not None:
+        if not tok.has_chat_template:
+            raise EdgertError("--system needs a model with a chat template")
+        text = tok.apply_chat_template([{"role": "system", "content": system}],
+                                       add_generation_prompt=False)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        text = sys.stdin.read() if prompt == "-" else prompt
+        if not text:
+            raise EdgertError("empty prompt: nothing to cache")
+        ids = tok.encode(text)
+    m, _ = load_model(path)
+    save_prompt_cache(out, path, ids, prefill_cache(m, ids))
+    click.echo(f"wrote {out} ({len(ids)} tokens)")
 
 
 def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:

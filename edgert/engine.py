@@ -106,13 +106,14 @@ class Engine:
 
     def __init__(self, model: str | Path | None = None, *, max_active: int = 4,
                  max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
-                 prefill_step_size: int = 512):
+                 prefill_step_size: int = 512, prompt_cache: str | Path | None = None):
         from .convert.api import ensure_package
 
         self.path = ensure_package(model)
         self.max_active, self.max_queue = max_active, max_queue
         self.prefill_step_size = prefill_step_size
         self._prefix_bytes = prefix_cache_bytes
+        self._prompt_cache = prompt_cache
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._waiting: deque[Job] = deque()
         self._active: list[tuple[Job, Iterator]] = []
@@ -165,6 +166,9 @@ class Engine:
             self.tokenizer = load_tokenizer(self.path)
             self.defaults = recommended_sampling(self.tokenizer.generation_config)
             self.prefix = PrefixCache(self.model, self._prefix_bytes)
+            if self._prompt_cache is not None:
+                n = self.prefix.load(self._prompt_cache, self.path)
+                log.info("prompt cache %s: %d tokens", self._prompt_cache, n)
         except Exception as e:  # reported to the constructor
             self._load_error = e
             self._ready.set()

@@ -78,6 +78,17 @@ class PrefixCache:
             while self.nbytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
 
+    def load(self, path, package) -> int:
+        """Add the prompt cache file at `path` (edgert.prompt_cache) as an entry; returns its
+        token count. EdgertError if it belongs to another model."""
+        from .prompt_cache import load_prompt_cache
+
+        cache = make_cache(self.model)
+        tokens, snap = load_prompt_cache(path, package, cache)
+        restore(cache, snap)
+        self.store(tokens, cache)
+        return len(tokens)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -105,6 +105,16 @@ def coreml_export(f):
                              "(OUT must end in .mlpackage).")(wrapper)
 
 
+def kv_options(f):
+    f = click.option("--kv-group-size", default="64", show_default=True,
+                     type=click.Choice(["32", "64", "128"]), callback=lambda c, p, v: int(v),
+                     help="Group size of the quantized KV cache.")(f)
+    return click.option("--kv-bits", default=None, type=click.Choice(["4", "8"]),
+                        callback=lambda c, p, v: None if v is None else int(v),
+                        help="Store full-attention keys and values in 4 or 8 bits "
+                             "(sliding windows stay float).")(f)
+
+
 def recommended_options(f):
     """Sampling options that default to the model's recommended sampling."""
     for opt in reversed([
@@ -161,7 +171,9 @@ def chat(model, system, max_tokens, engine, **kw):
 @click.option("--prompt-cache", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A prompt cache from `edgert cache-prompt`: its tokens, where "
                                  "the prompt starts with them, are not computed again.")
-def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cache, **kw):
+@kv_options
+def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cache, kv_bits,
+             kv_group_size, **kw):
     """Generate a reply to PROMPT with MODEL."""
     from .generation import stream_generate
 
@@ -177,14 +189,16 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=raw or not tok.has_chat_template)
     cache, cached = None, 0
-    if prompt_cache is not None:
+    if prompt_cache is not None or kv_bits:
         if engine == "coreml" or (model and Path(model).suffix == ".mlpackage"):
-            raise EdgertError("--prompt-cache needs the mlx engine")
+            raise EdgertError("--prompt-cache and --kv-bits need the mlx engine")
         from .convert.api import ensure_package
+        from .models.cache import make_cache, quantize_kv
         from .prefix_cache import PrefixCache
 
-        prefix = PrefixCache(m)
-        prefix.load(prompt_cache, ensure_package(model))
+        prefix = PrefixCache(m, make=lambda: quantize_kv(make_cache(m), kv_bits, kv_group_size))
+        if prompt_cache is not None:
+            prefix.load(prompt_cache, ensure_package(model))
         cache, cached = prefix.fetch(ids)
     pieces, tokens, last = [], [], None
     for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache,
@@ -227,17 +241,19 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
 @click.option("--prompt-cache", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A prompt cache from `edgert cache-prompt` to start the prefix "
                                  "cache with.")
+@kv_options
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_cache_mb,
-          prompt_cache, log_level):
+          prompt_cache, kv_bits, kv_group_size, log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health; OpenAPI at /docs)."""
     from .server import serve as run_server
 
     run_server(model, host, port, model_id=model_id, max_active=parallel, max_queue=max_queue,
                prefix_cache_bytes=prefix_cache_mb << 20, default_max_tokens=max_tokens,
-               prompt_cache=prompt_cache, log_level=log_level)
+               prompt_cache=prompt_cache, kv_bits=kv_bits, kv_group_size=kv_group_size,
+               log_level=log_level)
 
 
 @cli.command("cache-prompt")

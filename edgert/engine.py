@@ -106,7 +106,8 @@ class Engine:
 
     def __init__(self, model: str | Path | None = None, *, max_active: int = 4,
                  max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
-                 prefill_step_size: int = 512, prompt_cache: str | Path | None = None):
+                 prefill_step_size: int = 512, prompt_cache: str | Path | None = None,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
         from .convert.api import ensure_package
 
         self.path = ensure_package(model)
@@ -114,6 +115,7 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self._prefix_bytes = prefix_cache_bytes
         self._prompt_cache = prompt_cache
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._waiting: deque[Job] = deque()
         self._active: list[tuple[Job, Iterator]] = []
@@ -165,7 +167,10 @@ class Engine:
             self.model, self.config = load_model(self.path)
             self.tokenizer = load_tokenizer(self.path)
             self.defaults = recommended_sampling(self.tokenizer.generation_config)
-            self.prefix = PrefixCache(self.model, self._prefix_bytes)
+            from .models.cache import make_cache, quantize_kv
+
+            self.prefix = PrefixCache(self.model, self._prefix_bytes, make=lambda: quantize_kv(
+                make_cache(self.model), self.kv_bits, self.kv_group_size))
             if self._prompt_cache is not None:
                 n = self.prefix.load(self._prompt_cache, self.path)
                 log.info("prompt cache %s: %d tokens", self._prompt_cache, n)

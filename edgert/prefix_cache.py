@@ -20,8 +20,9 @@ from .models.cache import cache_nbytes, make_cache, restore, snapshot, trimmable
 class PrefixCache:
     """Snapshots keyed by token tuples, least recently used evicted past `max_bytes`."""
 
-    def __init__(self, model, max_bytes: int = 1 << 30):
+    def __init__(self, model, max_bytes: int = 1 << 30, make=None):
         self.model, self.max_bytes = model, max_bytes
+        self.make = make or (lambda: make_cache(self.model))  # a fresh cache of the model
         self._entries: OrderedDict[tuple[int, ...], tuple[list, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.nbytes = 0
@@ -34,7 +35,7 @@ class PrefixCache:
     def fetch(self, ids: list[int]) -> tuple[list, int]:
         """A cache for `ids`, restored from the entry that saves the most prompt tokens, and
         how many of them it holds (never all: the last prompt token must be fed for logits)."""
-        cache = make_cache(self.model)
+        cache = self.make()
         can_trim = trimmable(cache)
         best, best_n = None, 0
         with self._lock:
@@ -83,7 +84,7 @@ class PrefixCache:
         token count. EdgertError if it belongs to another model."""
         from .prompt_cache import load_prompt_cache
 
-        cache = make_cache(self.model)
+        cache = self.make()
         tokens, snap = load_prompt_cache(path, package, cache)
         restore(cache, snap)
         self.store(tokens, cache)

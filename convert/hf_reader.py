@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from edgert.errors import EdgertError, UnsupportedError
+from edgert.validate import check_config
 
 from edgert.bitpack import pack_rows, unpack_rows  # noqa: F401 (tests import them from here)
 from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # noqa: F401
@@ -36,7 +38,6 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
                         TensorRecord)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bitnet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -68,25 +69,90 @@ class TensorRef:
         return np.array(a)
 
 
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_json(path: Path, what: str = "JSON"):
+    """The parsed JSON file at `path`; EdgertError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgertError(f"{path}: not valid {what} ({e})") from None
+    except OSError as e:
+        raise EdgertError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those the index names (each inside `folder`), or
+    model*.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EdgertError(f"{index}: no weight_map of tensor name -> file name")
+    root = folder.resolve()
+    files = set()
+    for name in set(weight_map.values()):
+        f = (folder / name).resolve()
+        if Path(name).is_absolute() or f.parent != root:
+            raise EdgertError(f"{index}: file {name!r} lies outside the model folder")
+        if not f.is_file():
+            raise EdgertError(f"{index}: names {name!r}, which does not exist")
+        files.add(folder / name)
+    return sorted(files)
+
+
+def _header_refs(f: Path) -> dict[str, TensorRef]:
+    """The tensors of one safetensors file, from its header, each checked to lie inside the
+    file with exactly the bytes its dtype and shape need, and not overlapping another."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise EdgertError(f"{f}: truncated or corrupt safetensors file (a header of {n} "
+                              f"bytes in a file of {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgertError(f"{f}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise EdgertError(f"{f}: corrupt safetensors header (not an object)")
+    refs, spans, data = {}, [], size - 8 - n
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            ok = (all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(lo, int)
+                  and isinstance(hi, int) and 0 <= lo <= hi <= data and dtype in _ST_BYTES)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise EdgertError(f"{f}: corrupt safetensors entry for {name!r} ({e!r:.120})")
+        if hi - lo != math.prod(shape) * _ST_BYTES[dtype]:
+            raise EdgertError(f"{f}: tensor {name} holds {hi - lo} bytes, but {dtype} "
+                              f"{list(shape)} needs {math.prod(shape) * _ST_BYTES[dtype]}")
+        refs[name] = TensorRef(f, dtype, shape, 8 + n + lo)
+        spans.append((lo, hi, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise EdgertError(f"{f}: the data of tensors {a} and {b} overlap")
+    return refs
+
+
 def safetensors_index(folder: Path) -> dict[str, TensorRef]:
     """Every tensor of the folder's checkpoint (sharded through model.safetensors.index.json,
     or model*.safetensors), from the files' headers only."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    files = _shard_files(folder)
     if not files:
         raise EdgertError(f"{folder} has no *.safetensors")
     refs = {}
     for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, e in header.items():
-            if name != "__metadata__":
-                start = 8 + n + e["data_offsets"][0]
-                refs[name] = TensorRef(f, e["dtype"], tuple(e["shape"]), start)
+        refs.update(_header_refs(f))
     return dict(sorted(refs.items()))
 
 
@@ -412,24 +478,35 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         raise EdgertError(f"{path} is not a Hugging Face model folder (no config.json)")
     if scale_dtype not in SCALE_DTYPES:
         raise EdgertError(f"scale_dtype must be one of {list(SCALE_DTYPES)}")
-    config = json.loads((path / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise EdgertError(f"{path / 'config.json'}: not a JSON object with a model_type")
+    from edgert.models import architecture
+
+    arch = architecture(config.get("model_type"))  # what is specific to it lives there
+    _check_config(path, arch, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
     request = Request(bits, group_size, dict(overrides or {}))
-    refs = safetensors_index(path)
+    refs, dropped = _renamed(safetensors_index(path), arch, config)
+    if hasattr(arch, "hf_config"):
+        config = arch.hf_config(config)
+    try:  # rows-first shapes only: packed GPTQ / AWQ / BitNet tensors are left out
+        check_config(config, {n: r.shape for n, r in refs.items() if r.dtype != "U8"
+                              and not n.endswith((".qweight", ".qzeros"))})
+    except EdgertError as e:
+        raise EdgertError(f"{path / 'config.json'}: {e}") from None
     if kind == "float" and any(n.endswith(".qweight") for n in refs):
         raise EdgertError(f"{path}: quantized tensors (qweight) but no quantization_config")
     if kind == "bitnet":
         config["bitnet"] = {"activation_bits": 8, "weight_scale": (
             "multiply" if qcfg.get("linear_class") == "autobitlinear" else "divide")}
 
+    policy = getattr(arch, "quant_policy", None)
     steps = _plan(refs, kind, qcfg if kind != "mlx" else mlx_quant, request, scale_dtype,
-                  bool(config.get("tie_word_embeddings")))
+                  bool(config.get("tie_word_embeddings")),
+                  policy and (lambda name, shape: policy(name, shape, config)))
     tokenizer_files = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
     return CanonicalModel(
         config=config,
@@ -437,12 +514,41 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         tensor_count=sum(len(names) for names, _ in steps),
         tokenizer_files=tokenizer_files,
         source={"path": str(path), "format": "hf-" + kind, "quantization_config": qcfg or mlx_quant,
-                "files": sorted({r.file.name for r in refs.values()})},
+                "files": sorted({r.file.name for r in refs.values()}),
+                **({"dropped": dropped} if dropped else {})},
     )
 
 
+def _check_config(path: Path, arch, config: dict) -> None:
+    """Build the architecture's arguments once, so that a config it cannot run from fails
+    here, before anything is written (one-line EdgertError)."""
+    try:
+        arch.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"{path}/config.json: {e}") from None
+
+
+def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, TensorRef], str]:
+    """The checkpoint's tensors under the names the architecture keeps (its `hf_name`; None
+    drops a tensor, e.g. a vision tower), and a one-line account of what was dropped."""
+    rename = getattr(arch, "hf_name", None)
+    if rename is None:
+        return refs, ""
+    kept, dropped = {}, []
+    for name, ref in refs.items():
+        new = rename(name, config)
+        if new is None:
+            dropped.append(name)
+        else:
+            kept[new] = ref
+    if not dropped:
+        return dict(sorted(kept.items())), ""
+    stems = sorted({n.split(".")[0] + "." + n.split(".")[1] if "." in n else n for n in dropped})
+    return dict(sorted(kept.items())), f"{len(dropped)} tensors left out ({', '.join(stems[:3])})"
+
+
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
-          scale_dtype: str, tied: bool) -> list[Step]:
+          scale_dtype: str, tied: bool, policy=None) -> list[Step]:
     """One step per output tensor (or per quantized module), in the checkpoint's name order."""
     owned: dict[str, str] = {}  # source tensor name -> module that consumes it
     for name in refs:
@@ -475,6 +581,10 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
         want = request.get(module)
         quantizable = (leaf == "weight" and len(ref.shape) == 2
                        and ref.dtype in ("F32", "F16", "BF16"))
+        if quantizable and kind == "float" and want is None and policy is not None:
+            p = policy(name, ref.shape)  # the architecture's own rule for this tensor
+            quantizable = p is not False
+            want = {"bits": p.get("bits"), "group_size": p.get("group_size")} if p else None
         if quantizable and (kind == "float" or want is not None):
             steps.append(([name], lambda name=name, ref=ref, want=want: _matrix_records(
                 name, ref.load(), name, ref.dtype, want, scale_dtype)))

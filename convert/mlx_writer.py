@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -23,6 +22,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from edgert.errors import EdgertError
+from edgert.paths import sweep_partials, temp_sibling
+from edgert.signals import raise_pending
 
 from .canonical import CanonicalModel, QuantTensor, TensorRecord
 
@@ -127,12 +128,22 @@ def write_mlx_package(model: CanonicalModel, out: Path, *, force: bool = False,
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    _check_config(model.config)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_partials(out.parent)  # what writers killed earlier left behind
+        tmp = temp_sibling(out)
+    except OSError as e:
+        raise EdgertError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
         _write(model, tmp, on_tensor, shard_bytes)
+        raise_pending()  # a signal swallowed on the way still stops the commit
         _move_into_place(tmp, out, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgertError(f"{out}: writing failed ({e.strerror or e}); nothing was "
+                          "left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -156,6 +167,10 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
     reports: dict[str, dict] = {}
     totals: list[dict] = []
 
+    own_files = _own_files(model.config)
+    own_writers: dict[str, ShardWriter] = {}
+    own_names: dict[str, str] = {}  # tensor -> its own file
+
     def flush():
         nonlocal writer
         if writer is not None:
@@ -165,14 +180,22 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
     for record in model.tensors():
         arrays = _arrays(record)
         size = sum(a.nbytes for a in arrays.values())
-        if writer is not None and writer.nbytes and writer.nbytes + size > shard_bytes:
-            flush()
-        if writer is None:
-            writer = ShardWriter(folder / f"shard-{len(shards):05d}.tmp", reserve)
-            shards.append({})
-        for name, a in arrays.items():
-            writer.add(name, a)
-            shards[-1][name] = a.nbytes
+        own = next((f for m, f in own_files.items() if record.name.startswith(m + ".")), None)
+        if own is not None:  # the architecture keeps this module in a file of its own
+            if own not in own_writers:
+                own_writers[own] = ShardWriter(folder / f"{own}.tmp", header_reserve(8))
+            for name, a in arrays.items():
+                own_writers[own].add(name, a)
+                own_names[name] = own
+        else:
+            if writer is not None and writer.nbytes and writer.nbytes + size > shard_bytes:
+                flush()
+            if writer is None:
+                writer = ShardWriter(folder / f"shard-{len(shards):05d}.tmp", reserve)
+                shards.append({})
+            for name, a in arrays.items():
+                writer.add(name, a)
+                shards[-1][name] = a.nbytes
         if isinstance(v := record.value, QuantTensor):
             quantized[record.name.removesuffix(".weight")] = _QuantLayout(
                 v.bits, v.group_size, v.mode, v.shape)
@@ -190,9 +213,13 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for i, name in enumerate(names):
         os.replace(folder / f"shard-{i:05d}.tmp", folder / name)
+    for name, w in own_writers.items():
+        w.close({"format": "mlx"})
+        os.replace(folder / f"{name}.tmp", folder / name)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sum(s.values()) for s in shards)},
-                 "weight_map": {k: name for name, s in zip(names, shards) for k in sorted(s)}}
+                 "weight_map": {k: name for name, s in zip(names, shards) for k in sorted(s)}
+                 | own_names}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     config = dict(model.config)
@@ -207,10 +234,37 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
     (folder / "edgert.json").write_text(json.dumps(meta, indent=2))
 
 
+def _check_config(config: dict) -> None:
+    """Refuse, before anything is written, a config the runtime could not build a model from
+    (the architecture's ModelArgs raise a one-line EdgertError, e.g. Gemma 4's KV sharing)."""
+    from edgert.models import get_classes
+
+    try:
+        _, args_cls = get_classes(config.get("model_type", ""))
+    except EdgertError:
+        return  # an architecture only other engines run: nothing to check here
+    try:
+        args_cls.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"config: {e}") from None
+
+
+def _own_files(config: dict) -> dict[str, str]:
+    """Module path -> file name for modules the architecture stores in a file of their own
+    (its Model.package_files, e.g. Gemma 4's memory-mapped per-layer embeddings)."""
+    from edgert.models import get_classes
+
+    try:
+        model_cls, _ = get_classes(config.get("model_type", ""))
+    except EdgertError:
+        return {}
+    return dict(getattr(model_cls, "package_files", {}))
+
+
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     old = None
     if force and out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = temp_sibling(out, ".old")
         os.replace(out, old / out.name)
     try:
         os.replace(tmp, out)

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from .generation import stream_generate
 from .models.cache import make_cache, restore, snapshot, trimmable
+from .signals import stop_requested
 
 HELP = "/reset starts a new conversation, /exit quits; Ctrl-C stops a reply."
 
@@ -119,8 +120,10 @@ def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> Non
     while True:
         try:
             user = console.input("[bold green]>>> [/bold green]")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt) as e:
             console.print()
+            if stop_requested(e):
+                raise
             return
         cmd = user.strip()
         if not cmd:
@@ -136,7 +139,9 @@ def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> Non
             for r in session.reply(user, max_tokens, sampling):
                 console.print(r.text, end="", markup=False, soft_wrap=True)
                 last = r
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if stop_requested(e):  # SIGTERM / SIGHUP end the chat; Ctrl-C only the reply
+                raise
             console.print("\n[dim](stopped)[/dim]", end="")
         console.print()
         if last is not None:

@@ -40,8 +40,19 @@ def sampling_options(f):
 
 
 def sampling_kwargs(kw: dict) -> dict:
+    from .sample import check_sampling
+
     keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    check_sampling(**kw)  # before the model loads
     return {k: kw[k] for k in keys}
+
+
+def quiet_coremltools() -> None:
+    """coremltools logs a dozen warnings when imported on Linux (no Core ML framework, an
+    untested torch): keep stderr to edgert's own line. Its errors still show."""
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
 def load_with_status(model: str | None, engine: str | None = None):
@@ -56,6 +67,8 @@ def load_with_status(model: str | None, engine: str | None = None):
                 raise EdgertError("--engine coreml needs a .mlpackage (make one with "
                                   "`edgert convert SRC --to coreml -o Model.mlpackage`)")
             from .coreml_engine import load_coreml
+
+            quiet_coremltools()
 
             return load_coreml(model)
         from .package import load
@@ -79,6 +92,8 @@ def coreml_export(f):
             return f(**kw)
         from .convert.api import progress_bar
         from .convert.coreml_writer import convert_to_coreml
+
+        quiet_coremltools()
 
         options = {k: kw[k] for k in ("overrides", "requantize", "scale_dtype") if k in kw}
         for k in ("bits", "group_size"):
@@ -135,11 +150,20 @@ def recommended_options(f):
     return f
 
 
-def with_recommended(kw: dict, generation_config: dict | None) -> dict:
+def given_sampling(kw: dict) -> dict:
+    """The sampling options given on the command line (checked), without the ones left out."""
+    from .sample import check_sampling
+
+    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    given = {k: kw[k] for k in keys if kw[k] is not None}
+    check_sampling(**given)
+    return given
+
+
+def with_recommended(given: dict, generation_config: dict | None) -> dict:
     """Sampling keywords: the ones given on the command line, the model's for the rest."""
     from .sample import recommended_sampling
 
-    given = {k: v for k, v in sampling_kwargs(kw).items() if v is not None}
     if given.get("temp") == 0:  # greedy: the filters do not matter
         return {"top_p": 0.0, "top_k": 0, "min_p": 0.0, **given}
     return {"top_p": 0.0, "top_k": 0, "min_p": 0.0, **recommended_sampling(generation_config),
@@ -155,9 +179,10 @@ def chat(model, system, max_tokens, engine, **kw):
     """Chat with a model, streaming. /reset starts over, /exit quits; Ctrl-C stops a reply."""
     from .chat import run_chat
 
+    given = given_sampling(kw)  # checked before the model loads
     loaded = load_with_status(model, engine)
     run_chat(loaded, system=system, max_tokens=max_tokens,
-             sampling=with_recommended(kw, getattr(loaded[1], "generation_config", None)))
+             sampling=with_recommended(given, getattr(loaded[1], "generation_config", None)))
 
 
 @cli.command()
@@ -176,9 +201,13 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
              kv_group_size, **kw):
     """Generate a reply to PROMPT with MODEL."""
     from .generation import stream_generate
+    from .tokenizer import check_text
 
+    sampling = sampling_kwargs(kw)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        prompt = data.decode("utf-8", "surrogateescape")
+    check_text(prompt)
     if not prompt.strip():
         raise EdgertError("empty prompt: give some text with -p")
     m, tok = load_with_status(model, engine)
@@ -201,8 +230,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
             prefix.load(prompt_cache, ensure_package(model))
         cache, cached = prefix.fetch(ids)
     pieces, tokens, last = [], [], None
-    for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache,
-                             **sampling_kwargs(kw)):
+    for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache, **sampling):
         pieces.append(r.text)
         if r.finish_reason is None:
             tokens.append(r.token)
@@ -329,7 +357,13 @@ def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtyp
                         bits=None if bits is None else int(bits),
                         group_size=None if group_size is None else int(group_size),
                         overrides=overrides, requantize=requantize, scale_dtype=scale_dtype)
+    meta = json.loads((path / "edgert.json").read_text())
+    if dropped := meta.get("source", {}).get("dropped"):  # said once: what was left out
+        click.echo(f"{src}: {dropped}", err=True)
     click.echo(f"wrote {path}")
+    source = json.loads((path / "edgert.json").read_text()).get("source", {})
+    if source.get("dropped"):  # e.g. a vision tower the architecture leaves out
+        click.echo(f"note: {source['dropped']}")
 
 
 @cli.command()
@@ -435,23 +469,40 @@ def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, fmt
 
 
 def main(argv=None):
-    """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
+    """Entry point: one-line errors and a non-zero exit instead of tracebacks; SIGINT, SIGTERM
+    and SIGHUP stop any command the same way (edgert.signals), exiting 128 + the signal."""
+    from . import signals
+
+    signals.install()
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click wraps Ctrl-C in Abort
+        signum = getattr(e.__cause__ or e, "signum", None) or signals.pending() or 2
+        name = signals.signal.Signals(signum).name
+        click.echo("interrupted" if signum == 2 else f"terminated ({name})", err=True)
+        sys.exit(128 + signum)
+    except click.ClickException as e:  # usage errors too: one line, with where to look
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see {e.ctx.command_path} --help)"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(e.exit_code)
     except EdgertError as e:
         if Context.debug:
             raise
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except OSError as e:  # a full disk, a read-only folder: name the file
+        if Context.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.secho(f"error: {where}{e.strerror or e}", fg="red", err=True)
+        sys.exit(1)
+    except MemoryError:
+        if Context.debug:
+            raise
+        click.secho("error: out of memory", fg="red", err=True)
+        sys.exit(1)
     except Exception as e:  # an unexpected failure: still one line without --debug
         if Context.debug:
             raise

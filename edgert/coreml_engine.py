@@ -100,7 +100,9 @@ def make_runner(pkg: Path, backend: str = "auto", compute_units: str = "ALL"):
 class CoreMLCache:
     """The package's KV state plus how many positions hold tokens. Trimming only moves the
     offset back: the causal mask hides every slot at or past it, and the next call
-    overwrites them."""
+    overwrites them. (Snapshots, for caches that cannot trim, are not needed here.)"""
+
+    trimmable = True
 
     def __init__(self, state, context: int):
         self.core_state, self.context = state, context

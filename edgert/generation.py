@@ -11,6 +11,30 @@ import mlx.core as mx
 from .errors import EdgertError
 from .models.cache import KVCache, PositionedKV, make_cache
 from .sample import make_logits_processors, make_sampler
+from .signals import raise_pending
+
+
+def context_length(model) -> int | None:
+    """How many positions `model` can attend over: a Core ML package's KV-cache length, else
+    the config's max_position_embeddings (None when it does not say)."""
+    if isinstance(n := getattr(model, "context", None), int):
+        return n
+    return getattr(getattr(model, "args", None), "max_position_embeddings", None)
+
+
+def check_prompt_length(model, n_prompt: int, cache: list | None = None) -> int | None:
+    """Refuse (one line naming both numbers) a prompt that, after what `cache` already holds,
+    does not fit the model's context; returns how many tokens may still be generated (None:
+    no limit known). Every front end (generate, chat, the server) goes through here."""
+    limit = context_length(model)
+    if limit is None:
+        return None
+    held = max((c.offset for c in cache), default=0) if cache else 0
+    if held + n_prompt > limit:
+        what = f"{n_prompt} tokens" + (f" after {held} in the conversation" if held else "")
+        raise EdgertError(f"the prompt ({what}) is longer than the model's context of "
+                          f"{limit} tokens")
+    return limit - held - n_prompt + 1  # the last position's prediction needs no slot
 
 
 def generate_step(
@@ -38,6 +62,8 @@ def generate_step(
     sampler = sampler or make_sampler()
     processors = logits_processors or []
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    room = check_prompt_length(model, prompt.size, cache)
+    max_tokens = max_tokens if room is None else min(max_tokens, room)
     tokens = prompt  # everything seen so far, for the logits processors
 
     forward = decode_forward(model, cache) if compiled else None
@@ -74,6 +100,7 @@ def generate_step(
         if n + 1 < max_tokens:
             next_y, next_logprobs = step(y)
             mx.async_eval(next_y, next_logprobs)
+        raise_pending()  # a signal swallowed somewhere (a __del__) still stops generation
         yield y.item(), logprobs
         n += 1
         if n < max_tokens:

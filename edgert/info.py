@@ -31,6 +31,7 @@ def package_info(path: Path) -> dict:
         entry["parameters"] += n
         entry["bytes"] += n * t["bits_per_weight"] / 8
     q = config.get("quantization") or {}
+    residency = _residency(config, meta.get("tensors", {}))
     return {
         "path": str(path),
         "architecture": config.get("model_type"),
@@ -44,9 +45,37 @@ def package_info(path: Path) -> dict:
         "bits_per_weight": round(8 * size / params, 3) if params else None,
         "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q},
         "by_type": dict(by_type),
+        **residency,
         "source": meta.get("source", {}),
         "tensors": meta.get("tensors", {}),
     }
+
+
+def _residency(config: dict, tensors: dict) -> dict:
+    """Stored vs resident parameters and the weight bytes a decode step reads: modules the
+    architecture keeps in a memory-mapped file of its own (Model.package_files, e.g. Gemma 4's
+    per-layer embeddings) are stored but not resident, and a token reads one row of each."""
+    from .errors import EdgertError
+    from .models import get_classes
+
+    try:
+        mapped = tuple(getattr(get_classes(config.get("model_type", ""))[0], "package_files", {}))
+    except EdgertError:
+        mapped = ()
+    stored = resident = read = 0
+    for name, t in tensors.items():
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        nbytes = n * t["bits_per_weight"] / 8
+        stored += n
+        if any(name.startswith(m + ".") for m in mapped):
+            read += nbytes / t["shape"][0]  # one row per token
+        else:
+            resident += n
+            read += nbytes
+    return {"stored_parameters": stored or None, "resident_parameters": resident or None,
+            "bytes_read_per_token": int(read) or None}
 
 
 def print_info(s: dict, tensors: bool = False) -> None:
@@ -61,6 +90,12 @@ def print_info(s: dict, tensors: bool = False) -> None:
         head.add_row(label, str(s[key]))
     if s["parameters"]:
         head.add_row("parameters", f"{s['parameters'] / 1e6:.1f} M")
+    if s.get("resident_parameters") and s["resident_parameters"] != s["stored_parameters"]:
+        head.add_row("stored parameters", f"{s['stored_parameters'] / 1e6:.1f} M")
+        head.add_row("resident parameters", f"{s['resident_parameters'] / 1e6:.1f} M "
+                     "(the rest is looked up from a memory-mapped file)")
+    if s.get("bytes_read_per_token"):
+        head.add_row("weight bytes read per token", f"{s['bytes_read_per_token'] / 2**20:.1f} MiB")
     head.add_row("size", f"{s['size_bytes'] / 2**20:.1f} MiB")
     if s["bits_per_weight"]:
         head.add_row("bits per weight", f"{s['bits_per_weight']:.3f}")

@@ -10,6 +10,7 @@ import mlx.nn as nn
 
 from .errors import EdgertError
 from .models import get_classes
+from .validate import check_config, check_memory, check_quantization, summarize
 
 
 def read_config(path: Path) -> dict:
@@ -17,19 +18,53 @@ def read_config(path: Path) -> dict:
     if not cfg.is_file():
         raise EdgertError(f"{path} is not an MLX package (no config.json)")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgertError(f"{cfg}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EdgertError(f"{cfg}: not a JSON object")
+    return config
 
 
-def load_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(path.glob("model*.safetensors"))
+def load_weights(path: Path, exclude: tuple[str, ...] = ()) -> dict[str, mx.array]:
+    """The package's weights (lazily); `exclude` names files the model maps itself."""
+    files = sorted(f for f in path.glob("model*.safetensors") if f.name not in exclude)
     if not files:
         raise EdgertError(f"{path} has no model*.safetensors")
     weights: dict[str, mx.array] = {}
     for f in files:
-        weights.update(mx.load(str(f)))
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError, OSError) as e:  # MLX's own header and size checks
+            raise EdgertError(f"{f}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
     return weights
+
+
+def check_package(path: Path, config: dict, weights: dict[str, mx.array]) -> None:
+    """config.json against the tensors present, and its quantization block, as data
+    (edgert.validate), before any layer is built or any kernel runs."""
+    quantization = config.get("quantization")
+    try:
+        check_config(config, {k: tuple(v.shape) for k, v in weights.items()})
+        if quantization is not None:
+            check_quantization(quantization)
+    except EdgertError as e:
+        raise EdgertError(f"{path / 'config.json'}: {e}") from None
+    check_memory(sum(v.nbytes for v in weights.values()), f"the weights of {path}")
+    if quantization is None and (scales := [k for k in weights if k.endswith(".scales")]):
+        raise EdgertError(f"{path / 'config.json'}: no quantization block, but {len(scales)} "
+                          f"tensors are quantized ({summarize(scales)})")
+
+
+def mismatch(model: nn.Module, weights: dict) -> str | None:
+    """One line saying which parameters the weights lack or add (counts and the first few)."""
+    from mlx.utils import tree_flatten
+
+    want = {k for k, _ in tree_flatten(model.parameters())}
+    missing, extra = sorted(want - weights.keys()), sorted(weights.keys() - want)
+    parts = [f"{len(missing)} missing ({summarize(missing)})"] if missing else []
+    parts += [f"{len(extra)} unexpected ({summarize(extra)})"] if extra else []
+    return "; ".join(parts) or None
 
 
 def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> None:
@@ -69,13 +104,16 @@ def load_model(path: str | Path, lazy: bool = False,
     bit-identical results, see edgert.parallel)."""
     path = Path(path)
     config = read_config(path)
-    model_cls, args_cls = get_classes(config.get("model_type", "<missing>"))
+    model_cls, args_cls = get_classes(config.get("model_type"))
+    # files the model maps itself (Gemma 4's PLE table) are not loaded as weights
+    own_files = tuple(getattr(model_cls, "package_files", {}).values())
+    weights = load_weights(path, exclude=own_files)  # lazy: headers only until evaluated
+    check_package(path, config, weights)
     try:
         args = args_cls.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
     model = model_cls(args)
-    weights = load_weights(path)
     weights = model.sanitize(weights)
     if mx.default_device() == mx.cpu:
         # float32 scales and biases once here, rather than a cast in every quantized matmul
@@ -90,10 +128,15 @@ def load_model(path: str | Path, lazy: bool = False,
     from .layers import swap_layers
 
     swap_layers(model, weights, config)  # GPTQ act-order inputs, BitNet linear layers
+    if own_files:  # tables looked up from a memory-mapped file (Gemma 4's PLE)
+        model.map_files(path, config, weights)
+    if (problem := mismatch(model, weights)) is not None:
+        raise EdgertError(f"{path}: weights do not match the config: {problem}")
     try:
         model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise EdgertError(f"{path}: weights do not match the config ({e})") from None
+    except ValueError as e:  # shapes
+        raise EdgertError(f"{path}: weights do not match the config "
+                          f"({summarize(str(e).splitlines(), 2)})") from None
     model.activation_dtype = activation_dtype(weights)
     if parallel:
         from .parallel import parallelize

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from .errors import EdgertError
@@ -62,3 +66,51 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# Temporary siblings of an output being written: ".NAME.PID-RANDOM.partial" (or ".old" for a
+# replaced one). The writer's PID lets a later run tell a dead writer's leftovers from a live one.
+_TEMP = re.compile(r"^\..+\.(?:(\d+)-)?[A-Za-z0-9_]{8}\.(?:partial|old)$"
+                   r"|^\..+\.mlpackage\.()[a-z0-9_]{8}$")  # the latter: older Core ML exports
+LEGACY_AGE_S = 3600  # leftovers without a PID (older edgert versions) count as stale after this
+
+
+def temp_sibling(out: Path, suffix: str = ".partial") -> Path:
+    """A new private folder next to `out` where it is built, named after `out` and this
+    process (swept by `sweep_partials` once the process is gone)."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=suffix,
+                                 dir=out.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_partials(folder: Path) -> list[Path]:
+    """Remove the temporary siblings in `folder` left by writers that died (a SIGKILL, a power
+    cut); those of live processes are kept. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or not entry.is_dir():
+            continue
+        pid = m.group(1) or None
+        try:
+            stale = (not _alive(int(pid)) if pid else
+                     time.time() - entry.stat().st_mtime > LEGACY_AGE_S)
+        except OSError:
+            continue
+        if stale and int(pid or 0) != os.getpid():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

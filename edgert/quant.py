@@ -89,3 +89,23 @@ def quantize_float(w: np.ndarray, bits: int, group_size: int,
     return QuantTensor(w_q, s.astype(np_dt), b.astype(np_dt), bits, group_size), err
 
 
+
+
+def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation for llama (LlamaModel.permute in convert_hf_to_gguf).
+
+    GGUF keeps each head's rows interleaved for GGML's rope, (n_head, half, 2); HF keeps them
+    split in halves, (n_head, 2, half). Works on any array whose first axis is the rows."""
+    rows = x.shape[0]
+    # (rows, ...) -> (n_head, half, 2, ...) -> (n_head, 2, half, ...) -> (rows, ...)
+    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def map_rows(value, fn):
+    """`fn` applied to the rows (first axis) of a float array, or of each array of a 2-D
+    QuantTensor (its blocks run along the input axis, so rows move whole)."""
+    if isinstance(value, QuantTensor):
+        biases = None if value.biases is None else fn(value.biases)
+        return QuantTensor(fn(value.w_q), fn(value.scales), biases, value.bits,
+                           value.group_size, value.mode)
+    return fn(value)

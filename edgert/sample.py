@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
 import mlx.core as mx
 
+from .errors import EdgertError
+
 NEG_INF = float("-inf")
+
+
+def _bad(name: str, value, want: str) -> EdgertError:
+    return EdgertError(f"{name} = {value!r}: {want}")
+
+
+def check_sampling(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
+                   repetition_penalty: float | None = None, **_) -> None:
+    """Refuse sampling options outside their meaning (one line each): temp >= 0, top_p and
+    min_p in [0, 1], top_k a count >= 0, repetition_penalty > 0; NaN and infinities never."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not number(temp) or temp < 0:
+        raise _bad("temperature", temp, "a finite number >= 0 is required (0 is greedy)")
+    for name, v in (("top_p", top_p), ("min_p", min_p)):
+        if not number(v) or not 0 <= v <= 1:
+            raise _bad(name, v, "a probability in [0, 1] is required (0 = off)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise _bad("top_k", top_k, "a whole number >= 0 is required (0 = off)")
+    if repetition_penalty is not None and (not number(repetition_penalty)
+                                           or repetition_penalty <= 0):
+        raise _bad("repetition_penalty", repetition_penalty,
+                   "a finite number > 0 is required (1 = off)")
 
 
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
@@ -45,6 +72,7 @@ def categorical(logprobs: mx.array, temp: float, key=None) -> mx.array:
 def make_sampler(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
                  seed: int | None = None) -> Callable[[mx.array], mx.array]:
     """logprobs (B, V) -> token ids (B,). temp 0 is greedy; a seed makes sampling repeatable."""
+    check_sampling(temp, top_p, top_k, min_p)
     if temp == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
     filters = []
@@ -69,8 +97,7 @@ def make_sampler(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: f
 def make_repetition_penalty(penalty: float, context_size: int = 64):
     """A logits processor (tokens, logits) -> logits that divides positive logits of recently
     generated tokens by `penalty` and multiplies negative ones (CTRL / HF semantics)."""
-    if penalty <= 0:
-        raise ValueError(f"repetition penalty must be positive, got {penalty}")
+    check_sampling(repetition_penalty=penalty)
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0 or penalty == 1.0:

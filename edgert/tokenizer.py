@@ -25,7 +25,25 @@ END_OF_GENERATION = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", 
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgertError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EdgertError(f"{path}: not a JSON object")
+    return data
+
+
+def check_text(text: str, what: str = "the prompt") -> str:
+    """`text` if it is valid Unicode; else one line saying where it is not (bytes that were not
+    UTF-8 reach Python as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgertError(f"{what} is not valid UTF-8 (character {e.start})") from None
+    return text
 
 
 def _token_str(v) -> str | None:
@@ -89,7 +107,7 @@ class StreamingDetokenizer:
 
 def _sentencepiece_tokenizer(path: Path) -> tuple[HFTokenizer, dict]:
     """A SentencePiece BPE `tokenizer.model` as an HF tokenizer, and its special-token names."""
-    from .convert.gguf_tokenizer import add_vocab_specials, sentencepiece_bpe
+    from .vocab import add_vocab_specials, sentencepiece_bpe
 
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
@@ -164,6 +182,7 @@ class Tokenizer:
         """Token ids for `text`. Special tokens written in the text become their ids; with
         `add_special_tokens` BOS goes in front when the tokenizer asks for it (not twice when
         the text already starts with it, as chat templates often do)."""
+        check_text(text)
         if add_special_tokens and self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -180,35 +199,7 @@ class Tokenizer:
 
     @cached_property
     def _template(self):
-        from jinja2 import nodes
-        from jinja2.exceptions import TemplateError
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class Generation(Extension):  # transformers' {% generation %} marks; no-op when rendering
-            tags = {"generation"}
-
-            def parse(self, parser) -> list[nodes.Node]:
-                next(parser.stream)
-                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-        def raise_exception(message: str):
-            raise TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                              separators=separators, sort_keys=sort_keys)
-
-        # As transformers renders chat templates: sandboxed, trim_blocks and lstrip_blocks.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[Generation, loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise EdgertError(f"chat template does not parse: {e}") from None
+        return compile_chat_template(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> str:
@@ -217,14 +208,55 @@ class Tokenizer:
         if self.chat_template is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
-        from jinja2.exceptions import TemplateError
+        return render_chat_template(self._template, messages, add_generation_prompt,
+                                    self._special_names, **kwargs)
 
-        variables = {"tools": None, "documents": None, **self._special_names, **kwargs}
-        try:
-            return self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt, **variables)
-        except TemplateError as e:
-            raise EdgertError(f"chat template: {e}") from None
+
+
+def compile_chat_template(template: str):
+    """A chat template compiled as transformers renders it: jinja2 sandboxed, trim_blocks and
+    lstrip_blocks, `{% generation %}` marks, `raise_exception`, `tojson`, `strftime_now`."""
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # transformers' {% generation %} marks; no-op when rendering
+        tags = {"generation"}
+
+        def parse(self, parser) -> list[nodes.Node]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise EdgertError(f"chat template does not parse: {e}") from None
+
+
+def render_chat_template(compiled, messages: list[dict], add_generation_prompt: bool,
+                         special_names: dict, **kwargs) -> str:
+    """Render a compiled chat template; `special_names` are bos_token, eos_token, ..."""
+    from jinja2.exceptions import TemplateError
+
+    variables = {"tools": None, "documents": None, **special_names, **kwargs}
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **variables)
+    except TemplateError as e:
+        raise EdgertError(f"chat template: {e}") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -232,7 +264,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     config = _read_json(path / "tokenizer_config.json")
     if (path / "tokenizer.json").is_file():
-        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EdgertError(f"{path / 'tokenizer.json'}: corrupt tokenizer ({reason})") from None
     elif (path / "tokenizer.model").is_file():
         tok, defaults = _sentencepiece_tokenizer(path / "tokenizer.model")
         config = defaults | config

@@ -146,3 +146,35 @@ def test_peer_script_names_llama_bench_tests():
     rows = peers.table({"edgert": {"pp": [210.0], "tg": [50.0]},
                         "llama.cpp": {"pp": out["pp512"], "tg": out["tg128"]}}, "pp512", "tg128")
     assert rows[-1] == "| llama.cpp | 105.00 ± 5.00 | 25.00 ± 5.00 | 2.00 | 2.00 |"
+
+
+def test_no_ceiling_below_a_measured_run():
+    """A decode run faster than the measured bandwidth allows raises the bandwidth to what it
+    implies; a known Apple chip's specification is used where it is higher."""
+    r = bench.BenchReport(model="m", backend="cpu", device="?", parameters=1, size_bytes=10**8,
+                          bits_per_weight=4.0, load_s=0.0, bandwidth_gbs=1.0,
+                          measured_bandwidth_gbs=1.0)
+    r.tests = [bench.TestResult("tg128", 0, [50.0, 60.0])]
+    r.settle_bandwidth()
+    assert r.bandwidth_gbs == 6.0 and "implied" in r.bandwidth_source
+    assert all(row["pct_of_ceiling"] <= 100 for row in r.rows())
+    mac = bench.BenchReport(model="m", backend="gpu", device="Apple M4 Pro", parameters=1,
+                            size_bytes=10**9, bits_per_weight=4.0, load_s=0.0, bandwidth_gbs=200.0)
+    mac.settle_bandwidth()
+    assert mac.bandwidth_gbs == 273 and "specification" in mac.bandwidth_source
+
+
+def test_cache_profile_counts_each_cache_kind(tmp_path):
+    """Gemma 3: global layers' KV grows with depth, sliding layers' stops at the window (8)."""
+    from test_models import hf_model
+
+    from edgert.package import load_model
+
+    hf_model("gemma3", tmp_path)  # 4 layers, every second one sliding
+    model, _ = load_model(tmp_path)
+    p = bench.CacheProfile.of(model)
+    per = 2 * 2 * 16 * 4  # K and V, 2 kv heads, head_dim 16, float32
+    assert p.kv_per_position == 2 * per and p.windows == [(per, 8), (per, 8)]
+    assert p.recurrent == 0
+    assert p.bytes_read(100) == 2 * per * 100 + 2 * per * 8
+    assert p.bytes_read(4) == 2 * per * 4 + 2 * per * 4

@@ -35,10 +35,11 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def tiny_gguf(path: Path, arch: str = "llama", qtype: T = T.Q4_0, types: dict | None = None,
               tie: bool = True, layers: int = 2, hidden: int = 64, heads: int = 4,
               kv_heads: int = 2, ffn: int = 96, vocab: int = 128, head_dim: int | None = None,
-              extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+              extra: dict[str, np.ndarray] | None = None,
+              meta: dict | None = None) -> dict[str, np.ndarray]:
     """Write a random model as a GGUF; returns each tensor's reference dequantization in HF row
     order (GGUF name -> float32). `types` overrides the GGML type per tensor; `extra` adds
-    float32 tensors as they are."""
+    float32 tensors as they are; `meta` adds metadata (str, float32 or uint32 by type)."""
     rng = np.random.default_rng(0)
     hd = head_dim or hidden // heads
     w = gguf.GGUFWriter(path, arch)
@@ -56,6 +57,8 @@ def tiny_gguf(path: Path, arch: str = "llama", qtype: T = T.Q4_0, types: dict | 
     if head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
+    for key, value in (meta or {}).items():
+        {str: w.add_string, float: w.add_float32, int: w.add_uint32}[type(value)](key, value)
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
     if not tie:
         shapes["output.weight"] = (vocab, hidden)
@@ -487,7 +490,7 @@ def test_unknown_tensor_name(tmp_path):
     src = tmp_path / "extra.gguf"
     w = gguf.GGUFWriter(src, "llama")
     for key, value in {"block_count": 1, "embedding_length": 32, "feed_forward_length": 32,
-                       "attention.head_count": 2}.items():
+                       "attention.head_count": 2, "vocab_size": 4}.items():
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_tensor("blk.0.attn_weird.weight", np.zeros((4, 32), np.float32))

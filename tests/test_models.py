@@ -24,6 +24,10 @@ CONFIGS = {
     "mistral": (transformers.MistralConfig, dict(SMALL, head_dim=32)),
     "qwen2": (transformers.Qwen2Config, dict(SMALL, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(SMALL, head_dim=32, tie_word_embeddings=False)),
+    # YaRN (Qwen3's long-context setting): positions past the original context of 32
+    "qwen3-yarn": (transformers.Qwen3Config, dict(SMALL, head_dim=32, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+        "original_max_position_embeddings": 32})),
     # a window shorter than the prompts; query_pre_attn_scalar != head_dim; sqrt(48) is not
     # a round number, so the embedding scale's dtype shows; linear rope on global layers only
     "gemma3": (transformers.Gemma3TextConfig, dict(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -67,3 +67,58 @@ def embed(embedding: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
                              embedding["biases"][ids].astype(dtype), embedding.group_size,
                              embedding.bits, mode=embedding.mode)
     return embedding(ids).astype(dtype)
+
+
+# ------------------------------------------------------------------ what a module declares
+#
+#   MODEL_TYPES = ("llama", "mistral")     HF model_types served; the first is the canonical one
+#   ModelArgs, Model                       Model.sanitize(weights), Model.make_cache(), Model.layers
+#   hf_name(name, config) -> str | None    (optional) HF checkpoint name -> package name; None drops it
+#   hf_config(config) -> dict              (optional) the config stored in the package
+#   quant_policy(name, shape, config)      (optional) False: keep float; {"bits", "group_size"}: that
+#                                          layout; None: the default (float sources being quantized)
+#   GGUF = GGUFSpec(...)                   (optional) how llama.cpp stores it
+#   COREML_GRAPH = "llama"                 (optional) the Core ML writer's graph that serves it
+
+
+def _no_transform(name: str, value, config: dict):
+    return value
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """How llama.cpp's converter stores an architecture, for the GGUF reader.
+
+    `tensors` maps block tensor names (blk.N.<key>.weight|bias) to HF names under
+    model.layers.N; `global_tensors` the others (token_embd, output_norm, output). `config`
+    adds the architecture's own HF config keys to the common ones the reader derives (hidden
+    size, heads, rope, ...), from `meta` (GGUFMeta: get(key, default) / need(key) read
+    "<architecture>.<key>"; raw(key) a full key). `transform(hf_name, value, config)` undoes
+    the converter's value changes on a numpy float32 array or an edgert.quant.QuantTensor (the
+    same function serves the float reference); it returns the value, or (value, note).
+    `validate(gguf_name, shape, config)` checks a tensor up front (before anything streams)."""
+
+    architecture: str  # general.architecture, e.g. "llama", "qwen35"
+    hf_class: str  # config["architectures"][0], e.g. "LlamaForCausalLM"
+    tensors: dict[str, str]
+    config: Any = None  # (meta, config) -> config
+    transform: Any = _no_transform
+    validate: Any = None
+    parameters: dict[str, str] = field(default_factory=dict)  # blk.N.<key>.weight -> a bare
+    # parameter model.layers.N.<value> (no .weight), e.g. Gemma 4's layer_scalar
+    global_tensors: dict[str, str] = field(default_factory=lambda: {
+        "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"})
+    # block tensors blk.N.<leaf> named whole under model.layers.N (no .weight/.bias of their
+    # own), e.g. {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}
+    leaves: dict[str, str] = field(default_factory=dict)
+    default_rope_theta: float = 10000.0
+
+
+# llama.cpp's block names of the llama family, shared by the modules built on llama
+LLAMA_GGUF_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}

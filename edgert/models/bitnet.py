@@ -12,6 +12,8 @@ import mlx.nn as nn
 from . import llama
 from .base import attention
 
+MODEL_TYPES = ("bitnet",)
+
 
 @dataclass
 class ModelArgs(llama.ModelArgs):

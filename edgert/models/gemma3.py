@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from ..errors import UnsupportedError
-from .base import BaseModelArgs, attention, causal_mask, embed
+from ..errors import EdgertError, UnsupportedError
+from .base import LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed
 from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+MODEL_TYPES = ("gemma3_text",)
 
 
 @dataclass
@@ -236,3 +238,50 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp "gemma3")
+
+def gguf_config(meta, config: dict) -> dict:
+    """Gemma 3's own fields, read as llama.cpp reads them (src/models/gemma3.cpp)."""
+    n_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    config = {k: v for k, v in config.items() if k != "hidden_act"}
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers) model
+    config["query_pre_attn_scalar"] = (hidden // config["num_attention_heads"] if n_layers == 62
+                                       else config["head_dim"])
+    # local layers: their own rope base, no rope scaling (llama.cpp's *_swa defaults)
+    config["rope_local_base_freq"] = meta.f32("rope.freq_base_swa", 10000.0)
+    if (cap := meta.f32("final_logit_softcapping")):
+        config["final_logit_softcapping"] = cap
+    window = meta.get("attention.sliding_window")
+    pattern = meta.get("attention.sliding_window_pattern", 6)
+    if not window:
+        sliding, pattern = [False] * n_layers, 1
+    elif isinstance(pattern, list):  # one flag per layer
+        sliding, pattern = [bool(x) for x in pattern], None
+        if len(sliding) != n_layers:
+            raise EdgertError(f"gemma3.attention.sliding_window_pattern has {len(sliding)} "
+                              f"flags for {n_layers} layers")
+    else:  # every n-th layer is global; 0: all slide (llama_hparams::set_swa_pattern)
+        pattern = int(pattern)
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+        pattern = pattern or None
+    config["sliding_window"] = int(window) if window else None
+    if pattern is not None:  # what mlx-lm reads; edgert and transformers read layer_types
+        config["sliding_window_pattern"] = pattern
+    config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    return config
+
+
+def gguf_transform(hf_name: str, value, config: dict):
+    """llama.cpp stores Gemma's RMSNorm weights w as 1 + w (convert_hf_to_gguf.py, Gemma3Model);
+    HF names carry w: subtract 1 in float32, as transformers' GGUF loader does."""
+    if not hf_name.endswith("norm.weight"):
+        return value
+    return np.asarray(value, np.float32) - np.float32(1), "llama.cpp stores 1 + w: 1 subtracted"
+
+
+GGUF = GGUFSpec("gemma3", "Gemma3ForCausalLM", LLAMA_GGUF_TENSORS | {
+    "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm"}, config=gguf_config, transform=gguf_transform)

@@ -7,8 +7,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, attention, causal_mask, embed
+from ..errors import EdgertError
+from ..quant import map_rows, unpermute_rows
+
+from .base import LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed
 from .rope import initialize_rope
+
+
+MODEL_TYPES = ("llama", "mistral", "smollm")
+COREML_GRAPH = "llama"
 
 
 @dataclass
@@ -151,3 +158,35 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp "llama")
+
+_QK_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
+
+
+def _qk_heads(hf_name: str, config: dict) -> int | None:
+    """Heads whose rows llama.cpp permuted in this tensor (q_proj / k_proj), else None."""
+    parts = hf_name.split(".")
+    return config[_QK_HEADS[parts[-2]]] if len(parts) > 2 and parts[-2] in _QK_HEADS else None
+
+
+def gguf_transform(hf_name: str, value, config: dict):
+    """Undo the Q/K row interleave llama.cpp applies for its rope (LlamaModel.permute)."""
+    n = _qk_heads(hf_name, config)
+    return value if n is None else map_rows(value, lambda x: unpermute_rows(x, n))
+
+
+def gguf_validate(gguf_name: str, shape: tuple, config: dict) -> None:
+    part = gguf_name.split(".")[-2]
+    n = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(part)
+    if n and shape[0] % (2 * n):
+        raise EdgertError(f"tensor {gguf_name} has {shape[0]} rows, which {n} heads cannot split")
+
+
+def gguf_config(meta, config: dict) -> dict:
+    return {**config, "mlp_bias": meta.has_tensor("blk.0.ffn_gate.bias")}
+
+
+GGUF = GGUFSpec("llama", "LlamaForCausalLM", LLAMA_GGUF_TENSORS, config=gguf_config,
+                transform=gguf_transform, validate=gguf_validate)

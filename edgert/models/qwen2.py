@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import llama
+from .base import LLAMA_GGUF_TENSORS, GGUFSpec
+
+MODEL_TYPES = ("qwen2",)
+COREML_GRAPH = "llama"
+GGUF = GGUFSpec("qwen2", "Qwen2ForCausalLM", LLAMA_GGUF_TENSORS, default_rope_theta=1e6)
 
 
 @dataclass

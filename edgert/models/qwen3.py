@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import llama
+from .base import LLAMA_GGUF_TENSORS, GGUFSpec
+
+MODEL_TYPES = ("qwen3",)
+COREML_GRAPH = "llama"
+GGUF = GGUFSpec("qwen3", "Qwen3ForCausalLM", LLAMA_GGUF_TENSORS, default_rope_theta=1e6)
 
 
 @dataclass

@@ -1,0 +1,114 @@
+import EdgertCore
+import Foundation
+import XCTest
+
+final class ManifestTests: XCTestCase {
+    func testExportedManifestDecodesAndValidates() throws {
+        let manifest = try Fixture.manifest()
+        XCTAssertEqual(manifest.format, PackageLayout.format)
+        XCTAssertEqual(manifest.formatVersion, 2)
+        XCTAssertEqual(manifest.functions.keys.sorted(), [IONames.decode, IONames.prefill])
+        XCTAssertEqual(manifest.states.map(\.name), [IONames.keyCache, IONames.valueCache])
+        XCTAssertEqual(manifest.states.first?.shape,
+                       [manifest.numHiddenLayers, manifest.numKeyValueHeads, manifest.contextLength,
+                        manifest.headDim])
+        XCTAssertTrue(manifest.statesCanRewind)
+        XCTAssertEqual(manifest.prefillMaxLength, min(manifest.contextLength, 512))
+        XCTAssertEqual(manifest.chatFormat?.type, "role_affixes")
+        XCTAssertEqual(manifest.weightsSha256?.count, 64)
+        XCTAssertEqual(manifest.vocabSize, 49152)
+        let tokenizer = try Fixture.manifestFolder().appendingPathComponent(manifest.tokenizerJSON ?? "-")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: tokenizer.path))
+    }
+
+    /// Each broken manifest is refused with a description naming the problem.
+    func testBrokenManifestsAreRefused() throws {
+        let url = try Fixture.manifestFolder().appendingPathComponent(PackageLayout.manifestFile)
+        let good = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+        func refused(_ change: (inout [String: Any]) -> Void, _ expected: String) throws {
+            var m = good
+            change(&m)
+            let data = try JSONSerialization.data(withJSONObject: m)
+            XCTAssertThrowsError(try Manifest.decode(from: data)) { error in
+                let text = (error as? LocalizedError)?.errorDescription ?? ""
+                XCTAssertTrue(text.contains(expected), "\(text) lacks \(expected)")
+            }
+        }
+        try refused({ $0["format"] = "other" }, "format other")
+        try refused({ $0["format_version"] = 99 }, "newer than this bridge reads")
+        try refused({ $0["context_length"] = nil }, "no field contextLength")
+        try refused({ m in
+            var f = m["functions"] as! [String: Any]
+            f["prefill"] = nil
+            m["functions"] = f
+        }, "no function prefill")
+        try refused({ m in
+            var f = m["functions"] as! [String: [String: Any]]
+            var states = f["decode"]!["states"] as! [[String: Any]]
+            states[0]["kind"] = "mystery"
+            f["decode"]!["states"] = states
+            m["functions"] = f
+        }, "unknown kind mystery")
+        try refused({ m in
+            var f = m["functions"] as! [String: [String: Any]]
+            var inputs = f["decode"]!["inputs"] as! [[String: Any]]
+            inputs.append(["name": "per_layer_inputs", "shape": [1], "dtype": "float16"])
+            f["decode"]!["inputs"] = inputs
+            m["functions"] = f
+        }, "input per_layer_inputs has no source")
+    }
+
+    /// Room for what other models add: recurrent states (not rewindable) and an extra input
+    /// read from a file.
+    func testRecurrentStatesAndExtraInputsDecode() throws {
+        let url = try Fixture.manifestFolder().appendingPathComponent(PackageLayout.manifestFile)
+        var m = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+        var f = m["functions"] as! [String: [String: Any]]
+        for name in ["prefill", "decode"] {
+            var states = f[name]!["states"] as! [[String: Any]]
+            states.append(["name": "conv_state", "shape": [2, 8], "dtype": "float16", "kind": "recurrent"])
+            f[name]!["states"] = states
+            var inputs = f[name]!["inputs"] as! [[String: Any]]
+            inputs.append(["name": "per_layer_inputs", "shape": [1, -1, 64], "dtype": "float16",
+                           "source": ["kind": "embedding_file", "path": "per_layer.bin"]])
+            f[name]!["inputs"] = inputs
+        }
+        m["functions"] = f
+        let manifest = try Manifest.decode(from: JSONSerialization.data(withJSONObject: m))
+        XCTAssertFalse(manifest.statesCanRewind)
+        XCTAssertEqual(manifest.functions["decode"]?.inputs.last?.source?.kind, "embedding_file")
+    }
+
+    func testErrorsDescribeThemselves() {
+        let errors: [EdgertError] = [.manifest("x"), .missingFile("/a"), .tokenizer("t"),
+                                     .chatFormat("c"), .contextFull(needed: 9, context: 8),
+                                     .prediction("p"), .emptyPrompt, .busy]
+        for e in errors {
+            XCTAssertFalse(e.localizedDescription.isEmpty)
+            XCTAssertFalse(e.localizedDescription.contains("\n"))
+        }
+        XCTAssertEqual(EdgertError.contextFull(needed: 9, context: 8).localizedDescription,
+                       "9 tokens do not fit the package's context of 8")
+    }
+}
+
+final class PackageFilesTests: XCTestCase {
+    /// What EdgertPackage.load reads before Core ML: the manifest and tokenizer of a .mlpackage.
+    func testPackageFilesReadTheExport() throws {
+        let files = try PackageFiles(package: Fixture.url("EDGERT_TEST_PACKAGE"))
+        XCTAssertEqual(files.manifest.vocabSize, 49152)
+        XCTAssertFalse(files.manifestData.isEmpty)
+        let tokenizer = try files.tokenizer()
+        XCTAssertEqual(tokenizer.encode("<|im_start|>hi<|im_end|>"), [1, 6004, 2])
+        XCTAssertThrowsError(try PackageFiles(package: URL(fileURLWithPath: "/nonexistent.mlpackage")))
+    }
+
+    func testHalfFloatBits() {
+        XCTAssertEqual(HalfFloat.bits(0), 0x0000)
+        XCTAssertEqual(HalfFloat.bits(1), 0x3C00)
+        XCTAssertEqual(HalfFloat.bits(-2), 0xC000)
+        XCTAssertEqual(HalfFloat.bits(-1e4), 0xF0E2)  // the mask value
+        XCTAssertEqual(HalfFloat.bits(1e6), 0x7C00)
+        XCTAssertEqual(HalfFloat.bits(1e-9), 0x0000)
+    }
+}

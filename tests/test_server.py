@@ -287,3 +287,14 @@ def test_edgert_serve_command_listens_on_loopback(smollm_package, tmp_path):
         out = proc.communicate(timeout=60)[0]
     assert "Traceback" not in out
     assert "400 request body is not valid JSON" in out  # the one log line
+
+
+def test_recommended_sampling_from_generation_config():
+    from edgert.sample import recommended_sampling
+
+    # llama.cpp's defaults (common/common.h) where the model names none
+    assert recommended_sampling(None) == {"temp": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+    qwen3 = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    assert recommended_sampling(qwen3) == {"temp": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0}
+    assert recommended_sampling({"do_sample": False, "temperature": 0.6})["temp"] == 0.0
+    assert recommended_sampling({"bos_token_id": 1, "eos_token_id": 2})["temp"] == 0.8

@@ -55,14 +55,17 @@ from edgert.signals import raise_pending
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
 
 MASK_VALUE = -1e4  # additive mask value; finite so fp16 softmax never sees -inf - -inf
-GRAPHS = ("llama",)  # the graphs this writer builds; a module names its own (COREML_GRAPH)
+# the graphs this writer builds; a module names its own (COREML_GRAPH): "llama" here, "hybrid"
+# (Gated DeltaNet + gated attention, Qwen3.5) in convert/coreml_hybrid.py
+GRAPHS = ("llama", "hybrid")
 TARGETS = ("iOS18", "iOS26")
 DEFAULT_CONTEXT = 2048
 PREFILL_MAX = 512  # longest prefill chunk: bounds the (L, context) mask and attention scores
-# Largest KV cache (both states) a package may declare, per target: an iOS app is killed near
-# 3.5 GB on 8 GB iPhones without the increased-memory entitlement, ~6 GB with it, and the
-# weights need room too. macOS 15 / 26 run the same packages (same limit).
-MAX_KV_BYTES = {"iOS18": 4 << 30, "iOS26": 4 << 30}
+# Largest state (KV cache and recurrent states together) a package may declare, per target: an
+# iOS app is killed near 3.5 GB on 8 GB iPhones without the increased-memory entitlement, ~6 GB
+# with it, and the weights need room too. macOS 15 / 26 run the same packages (same limit).
+MAX_STATE_BYTES = {"iOS18": 4 << 30, "iOS26": 4 << 30}
+MAX_KV_BYTES = MAX_STATE_BYTES  # the name before recurrent states
 # progress(stage, done, total): "encoding weights" counts tensors; later stages pass 0, 0
 Progress = Callable[[str, int, int], None]
 
@@ -72,9 +75,23 @@ Progress = Callable[[str, int, int], None]
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StateSpec:
+    """One Core ML state: fp16, `kind` "kv_cache" (positional) or "recurrent" (carried)."""
+
+    name: str
+    shape: tuple
+    kind: str
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * int(np.prod(self.shape))
+
+
 @dataclass
 class Arch:
-    """What the graph needs from an HF config (parsed by the runtime's own ModelArgs)."""
+    """What the graph needs from an HF config (parsed by the runtime's own ModelArgs); `args`
+    is that ModelArgs, for what a graph reads beyond the llama-shaped fields."""
 
     model_type: str
     n_layers: int
@@ -87,6 +104,17 @@ class Arch:
     inv_freq: np.ndarray  # (head_dim // 2,) float64, rope scaling applied
     max_positions: int | None
     tie_word_embeddings: bool
+    graph: str = "llama"
+    args: object = None
+    module: object = None
+
+    @property
+    def rotary_dims(self) -> int:
+        return 2 * len(self.inv_freq)
+
+    def states(self, context: int) -> list[StateSpec]:
+        """The package's states (in this order in both functions and the manifest)."""
+        return graph_class(self.graph).states(self, context)
 
     @classmethod
     def from_config(cls, config: dict) -> "Arch":
@@ -98,17 +126,19 @@ class Arch:
         if model_type not in served:
             raise UnsupportedError(f"Core ML export: unsupported architecture {model_type!r} "
                                    f"(supported: {', '.join(served)})")
-        args_cls = architecture(model_type).ModelArgs
+        module = architecture(model_type)
         try:
-            a = args_cls.from_dict(config)
+            a = module.ModelArgs.from_dict(config)
         except TypeError as e:
             raise EdgertError(f"config.json: {e}") from None
-        if a.rope_traditional:
+        if getattr(a, "rope_traditional", False):
             raise UnsupportedError("Core ML export: traditional (interleaved) RoPE")
+        rotary = int(a.head_dim * getattr(a, "partial_rotary_factor", 1.0))  # partial rotary
         return cls(model_type, a.num_hidden_layers, a.hidden_size, a.num_attention_heads,
                    a.num_key_value_heads, a.head_dim, a.vocab_size, a.rms_norm_eps,
-                   rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling),
-                   a.max_position_embeddings, bool(a.tie_word_embeddings))
+                   rope_inv_freq(rotary, a.rope_theta, a.rope_scaling),
+                   a.max_position_embeddings, bool(a.tie_word_embeddings),
+                   module.COREML_GRAPH, a, module)
 
 
 def rope_inv_freq(dims: int, base: float, scaling: dict | None) -> np.ndarray:
@@ -332,14 +362,42 @@ def _op_name(tensor_name: str) -> str:
 
 
 class _Graph:
-    """Emits one function's ops; weights are created as consts inside each function (both
-    functions get the same arrays, stored once by convert_multifunction)."""
+    """Emits one function's ops (the llama graph); weights are created as consts inside each
+    function (both functions get the same arrays, stored once by convert_multifunction).
+
+    States are read once each (`read`) and their updated values threaded through the layers
+    (`update`: slice_update, then its coreml_update_state at once)."""
 
     def __init__(self, arch: Arch, weights: dict[str, Encoded], context: int):
         from coremltools.converters.mil import Builder as mb
 
         self.mb, self.arch, self.weights, self.context = mb, arch, weights, context
         self._vars: dict = {}
+        self._state_vars: dict = {}  # state name -> its function input
+        self._values: dict = {}  # state name -> the latest value (threaded)
+
+    @staticmethod
+    def states(arch: Arch, context: int) -> list[StateSpec]:
+        shape = (arch.n_layers, arch.n_kv_heads, context, arch.head_dim)
+        return [StateSpec(STATES[0], shape, "kv_cache"), StateSpec(STATES[1], shape, "kv_cache")]
+
+    def read(self, states: dict) -> None:
+        """Read every state once (states: name -> the function's state input)."""
+        self._state_vars = dict(states)
+        self._values = {n: self.mb.read_state(input=v) for n, v in states.items()}
+
+    def update(self, name: str, update, begin, end):
+        """Write `update` into state `name` at [begin, end) and commit it; returns the state's
+        new value. Each slice_update is committed before the next (see the module docstring)."""
+        mb = self.mb
+        value = mb.slice_update(x=self._values[name], update=update, begin=begin, end=end)
+        self._values[name] = mb.coreml_update_state(state=self._state_vars[name], value=value)
+        return self._values[name]
+
+    def check_all_used(self) -> None:
+        if unused := sorted(set(self.weights) - set(self._vars)):
+            raise UnsupportedError(f"Core ML export: {len(unused)} tensors the "
+                                   f"{self.arch.model_type} graph does not use, e.g. {unused[0]}")
 
     def w(self, name: str):
         """The Var of HF tensor `name`, created on first use."""
@@ -366,34 +424,84 @@ class _Graph:
         return mb.mul(x=mb.mul(x=y, y=inv), y=self.w(weight_name))
 
     def rope(self, x, cos, sin):
-        """x (1, heads, L, D); cos, sin (L, D)."""
+        """x (1, heads, L, D); cos, sin (L, R), R <= D: rotate-half on the first R of each head
+        (partial rotary), the rest passed through."""
         mb = self.mb
+        D, R = self.arch.head_dim, self.arch.rotary_dims
+        rest = None
+        if R < D:
+            x, rest = mb.split(x=x, split_sizes=[R, D - R], axis=-1)
         x1, x2 = mb.split(x=x, num_splits=2, axis=-1)
         swapped = mb.concat(values=[x2, x1], axis=-1)
-        return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=swapped, y=sin))
+        out = mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=swapped, y=sin))
+        return out if rest is None else mb.concat(values=[out, rest], axis=-1)
 
-    def build(self, input_ids, position, mask, k_state, v_state, decode: bool):
-        mb, a, ctx = self.mb, self.arch, self.context
-        H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
-        n_rep = H // KV
-
-        embed = self.w("model.embed_tokens.weight")  # (vocab, hid)
-        x = mb.gather(x=embed, indices=input_ids, axis=0)  # (1, L, hid)
-        # positions of this chunk: position + arange(L)
+    def embed(self, input_ids, position, decode: bool):
+        """The embedded chunk (1, L, hid), its RoPE rows cos, sin (L, R) at position +
+        arange(L), and position + L (1,)."""
+        mb, a = self.mb, self.arch
+        x = mb.gather(x=self.w("model.embed_tokens.weight"), indices=input_ids, axis=0)
         if decode:
             pos = position  # (1,)
         else:
             n = mb.gather(x=mb.shape(x=input_ids), indices=1, axis=0)  # scalar L
             pos = mb.add(x=mb.range_1d(start=0, end=n, step=1), y=position)  # (L,)
-        cos_t, sin_t = rope_tables(a.inv_freq, ctx)
-        cos = mb.gather(x=cos_t, indices=pos, axis=0)  # (L, D)
+        cos_t, sin_t = rope_tables(a.inv_freq, self.context)
+        cos = mb.gather(x=cos_t, indices=pos, axis=0)  # (L, R)
         sin = mb.gather(x=sin_t, indices=pos, axis=0)
         end = mb.add(x=position, y=mb.gather(x=mb.shape(x=input_ids), indices=[1], axis=0))
-        if n_rep > 1:
-            mask = mb.tile(x=mask, reps=[1, 1, n_rep, 1])  # (1, 1, n_rep * L, ctx)
+        return x, cos, sin, end
 
-        k_cache = mb.read_state(input=k_state)  # (n_layers, KV, ctx, D)
-        v_cache = mb.read_state(input=v_state)
+    def attend(self, q, k, v, slot: int, position, end, mask):
+        """q (1, H, L, D), k, v (1, KV, L, D), rotated: written into KV slot `slot` at
+        [position, end), then attention over that slot's whole cache -> (1, L, H * D)."""
+        mb, a, ctx = self.mb, self.arch, self.context
+        H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
+        begin = mb.concat(values=[np.array([slot, 0], np.int32), position,
+                                  np.array([0], np.int32)], axis=0)
+        stop = mb.concat(values=[np.array([slot + 1, KV], np.int32), end,
+                                 np.array([D], np.int32)], axis=0)
+        k_cache = self.update(STATES[0], k, begin, stop)
+        v_cache = self.update(STATES[1], v, begin, stop)
+        keys = mb.slice_by_index(x=k_cache, begin=[slot, 0, 0, 0], end=[slot + 1, KV, ctx, D])
+        values = mb.slice_by_index(x=v_cache, begin=[slot, 0, 0, 0],
+                                   end=[slot + 1, KV, ctx, D])
+        qg = mb.reshape(x=q, shape=[1, KV, -1, D])  # (1, KV, n_rep * L, D)
+        o = mb.scaled_dot_product_attention(query=qg, key=keys, value=values, attn_mask=mask)
+        o = mb.transpose(x=mb.reshape(x=o, shape=[1, H, -1, D]), perm=[0, 2, 1, 3])
+        return mb.reshape(x=o, shape=[1, -1, H * D])  # (1, L, H * D)
+
+    def mlp(self, x, p: str):
+        """x + MLP(post_attention_layernorm(x)) of block `p`."""
+        mb = self.mb
+        h = self.rms_norm(x, f"{p}.post_attention_layernorm.weight")
+        gate = mb.silu(x=self.linear(h, f"{p}.mlp.gate_proj"))
+        up = self.linear(h, f"{p}.mlp.up_proj")
+        return mb.add(x=x, y=self.linear(mb.mul(x=gate, y=up), f"{p}.mlp.down_proj"))
+
+    def head(self, x, decode: bool):
+        """Final norm and head of the last position -> logits (1, 1, vocab) fp32."""
+        mb = self.mb
+        if not decode:  # last position only
+            x = mb.slice_by_index(x=x, begin=[0, -1, 0], end=[1, 0, self.arch.hidden],
+                                  end_mask=[False, True, False])  # (1, 1, hid)
+        x = self.rms_norm(x, "model.norm.weight")
+        head = "lm_head" if self.has("lm_head.weight") else "model.embed_tokens"
+        logits = mb.linear(x=x, weight=self.w(f"{head}.weight"))  # (1, 1, vocab)
+        self.check_all_used()
+        return mb.cast(x=logits, dtype="fp32", name="logits")
+
+    def gqa_mask(self, mask):
+        """The mask tiled for grouped-query heads folded into the query length."""
+        n_rep = self.arch.n_heads // self.arch.n_kv_heads
+        return mask if n_rep == 1 else self.mb.tile(x=mask, reps=[1, 1, n_rep, 1])
+
+    def build(self, input_ids, position, mask, states: dict, decode: bool):
+        mb, a = self.mb, self.arch
+        H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
+        x, cos, sin, end = self.embed(input_ids, position, decode)
+        mask = self.gqa_mask(mask)  # (1, 1, n_rep * L, ctx)
+        self.read(states)  # (n_layers, KV, ctx, D) each
         for i in range(a.n_layers):
             p = f"model.layers.{i}"
             h = self.rms_norm(x, f"{p}.input_layernorm.weight")
@@ -406,41 +514,19 @@ class _Graph:
             q = self.rope(mb.transpose(x=q, perm=[0, 2, 1, 3]), cos, sin)  # (1, H, L, D)
             k = self.rope(mb.transpose(x=k, perm=[0, 2, 1, 3]), cos, sin)  # (1, KV, L, D)
             v = mb.transpose(x=v, perm=[0, 2, 1, 3])
-
-            # write this chunk into layer i's slots [position, position + L)
-            begin = mb.concat(values=[np.array([i, 0], np.int32), position,
-                                      np.array([0], np.int32)], axis=0)
-            stop = mb.concat(values=[np.array([i + 1, KV], np.int32), end,
-                                     np.array([D], np.int32)], axis=0)
-            k_cache = mb.slice_update(x=k_cache, update=k, begin=begin, end=stop)
-            k_cache = mb.coreml_update_state(state=k_state, value=k_cache)
-            v_cache = mb.slice_update(x=v_cache, update=v, begin=begin, end=stop)
-            v_cache = mb.coreml_update_state(state=v_state, value=v_cache)
-            keys = mb.slice_by_index(x=k_cache, begin=[i, 0, 0, 0], end=[i + 1, KV, ctx, D])
-            values = mb.slice_by_index(x=v_cache, begin=[i, 0, 0, 0], end=[i + 1, KV, ctx, D])
-
-            qg = mb.reshape(x=q, shape=[1, KV, -1, D])  # (1, KV, n_rep * L, D)
-            o = mb.scaled_dot_product_attention(query=qg, key=keys, value=values,
-                                                attn_mask=mask)
-            o = mb.transpose(x=mb.reshape(x=o, shape=[1, H, -1, D]), perm=[0, 2, 1, 3])
-            o = mb.reshape(x=o, shape=[1, -1, H * D])  # (1, L, H * D)
+            o = self.attend(q, k, v, i, position, end, mask)  # (1, L, H * D)
             x = mb.add(x=x, y=self.linear(o, f"{p}.self_attn.o_proj"))
+            x = self.mlp(x, p)
+        return self.head(x, decode)
 
-            h = self.rms_norm(x, f"{p}.post_attention_layernorm.weight")
-            gate = mb.silu(x=self.linear(h, f"{p}.mlp.gate_proj"))
-            up = self.linear(h, f"{p}.mlp.up_proj")
-            x = mb.add(x=x, y=self.linear(mb.mul(x=gate, y=up), f"{p}.mlp.down_proj"))
 
-        if not decode:  # last position only
-            x = mb.slice_by_index(x=x, begin=[0, -1, 0], end=[1, 0, a.hidden],
-                                  end_mask=[False, True, False])  # (1, 1, hid)
-        x = self.rms_norm(x, "model.norm.weight")
-        head = "lm_head" if self.has("lm_head.weight") else "model.embed_tokens"
-        logits = mb.linear(x=x, weight=self.w(f"{head}.weight"))  # (1, 1, vocab)
-        if unused := sorted(set(self.weights) - set(self._vars)):
-            raise UnsupportedError(f"Core ML export: {len(unused)} tensors the {a.model_type} "
-                                   f"graph does not use, e.g. {unused[0]}")
-        return mb.cast(x=logits, dtype="fp32", name="logits")
+def graph_class(name: str) -> type:
+    """The graph builder named by a module's COREML_GRAPH."""
+    if name == "hybrid":
+        from .coreml_hybrid import HybridGraph
+
+        return HybridGraph
+    return _Graph
 
 
 def build_program(arch: Arch, weights: dict[str, Encoded], context: int, function: str,
@@ -452,18 +538,18 @@ def build_program(arch: Arch, weights: dict[str, Encoded], context: int, functio
 
     decode = function == "decode"
     L = 1 if decode else get_new_symbol()
-    cache = (arch.n_layers, arch.n_kv_heads, context, arch.head_dim)
+    states = arch.states(context)
     specs = {
         "input_ids": mb.TensorSpec((1, L), types.int32),
         "position": mb.TensorSpec((1,), types.int32),
         "causal_mask": mb.TensorSpec((1, 1, L, context), types.fp16),
-        STATES[0]: mb.StateTensorSpec(cache, types.fp16),
-        STATES[1]: mb.StateTensorSpec(cache, types.fp16),
+        **{s.name: mb.StateTensorSpec(s.shape, types.fp16) for s in states},
     }
     with Function(specs, opset_version=getattr(ct.target, target)) as func:
         i = func.inputs
-        logits = _Graph(arch, weights, context).build(
-            i["input_ids"], i["position"], i["causal_mask"], i[STATES[0]], i[STATES[1]], decode)
+        logits = graph_class(arch.graph)(arch, weights, context).build(
+            i["input_ids"], i["position"], i["causal_mask"], {s.name: i[s.name] for s in states},
+            decode)
         func.set_outputs([logits])
     prog = Program()
     prog.add_function("main", func)
@@ -592,6 +678,8 @@ def package_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
     (the Swift bridge reads tokenizer.json only)."""
     if "tokenizer.json" in files or "tokenizer.model" not in files:
         return dict(files)
+    import tempfile
+
     from edgert.tokenizer import _sentencepiece_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -621,7 +709,7 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
     eos = _token_ids(cfg.get("eos_token_id"))
     stop = sorted(set(eos) | set(_token_ids(gen.get("eos_token_id"))))
     L = -1  # flexible: 1 <= L <= prefill_max(context)
-    cache = [arch.n_layers, arch.n_kv_heads, context, arch.head_dim]
+    states = arch.states(context)
 
     def io(decode: bool) -> dict:
         n = 1 if decode else L
@@ -632,8 +720,8 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
                 {"name": "causal_mask", "shape": [1, 1, n, context], "dtype": "float16"},
             ],
             "outputs": [{"name": "logits", "shape": [1, 1, arch.vocab], "dtype": "float32"}],
-            "states": [{"name": s, "shape": cache, "dtype": "float16", "kind": "kv_cache"}
-                       for s in STATES],
+            "states": [{"name": s.name, "shape": list(s.shape), "dtype": "float16",
+                        "kind": s.kind, "bytes": s.nbytes} for s in states],
         }
 
     return {
@@ -646,6 +734,10 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
         "num_hidden_layers": arch.n_layers,
         "num_key_value_heads": arch.n_kv_heads,
         "head_dim": arch.head_dim,
+        # what the states take in memory (bytes, allocated once per conversation)
+        "state_bytes": {**{k: sum(s.nbytes for s in states if s.kind == k)
+                           for k in sorted({s.kind for s in states})},
+                        "total": sum(s.nbytes for s in states)},
         "functions": {"prefill": dict(io(False), min_length=1,
                                          max_length=prefill_max(context)),
                       "decode": io(True)},
@@ -695,8 +787,21 @@ def prefill_max(context: int) -> int:
 
 
 def kv_cache_bytes(arch: Arch, context: int) -> int:
-    """Both fp16 states: (n_layers, n_kv_heads, context, head_dim) each."""
-    return 2 * arch.n_layers * arch.n_kv_heads * context * arch.head_dim * 2
+    """The positional (KV) states' bytes at `context`."""
+    return sum(s.nbytes for s in arch.states(context) if s.kind == "kv_cache")
+
+
+def state_bytes(arch: Arch, context: int) -> int:
+    """Every state's bytes at `context` (KV cache and recurrent states)."""
+    return sum(s.nbytes for s in arch.states(context))
+
+
+def _size(n: int) -> str:
+    """Bytes as the largest unit that keeps a digit before the point: '4.7 GiB', '5.5 KiB'."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
 
 
 def check_context(arch: Arch, context: int, target: str) -> None:
@@ -706,18 +811,27 @@ def check_context(arch: Arch, context: int, target: str) -> None:
     if arch.max_positions and context > arch.max_positions:
         raise EdgertError(f"context {context} exceeds the model's max_position_embeddings "
                           f"({arch.max_positions})")
-    kv, limit = kv_cache_bytes(arch, context), MAX_KV_BYTES[target]
-    if kv > limit:
-        most = context * limit // kv
-        raise EdgertError(f"context {context} needs a {kv / 2**30:.1f} GiB KV cache, over the "
-                          f"{limit / 2**30:.0f} GiB a {target} package may hold: use "
+    limit = MAX_STATE_BYTES[target]
+    fixed = state_bytes(arch, context) - kv_cache_bytes(arch, context)  # recurrent
+    if fixed > limit:
+        raise EdgertError(f"the recurrent states need {_size(fixed)}, over the "
+                          f"{limit / 2**30:.0f} GiB of state a {target} package may hold "
+                          f"(at any context)")
+    kv = kv_cache_bytes(arch, context)
+    if kv + fixed > limit:
+        most = context * (limit - fixed) // kv
+        extra = f" (+ {_size(fixed)} recurrent)" if fixed else ""
+        raise EdgertError(f"context {context} needs a {kv / 2**30:.1f} GiB KV cache{extra}, "
+                          f"over the {limit / 2**30:.0f} GiB a {target} package may hold: use "
                           f"--context {most} or less")
 
 
 def default_context(arch: Arch, target: str) -> int:
-    """DEFAULT_CONTEXT, or less where the model or the target's KV limit allows less."""
+    """DEFAULT_CONTEXT, or less where the model or the target's state limit allows less."""
     ctx = min(DEFAULT_CONTEXT, arch.max_positions or DEFAULT_CONTEXT)
-    return max(1, min(ctx, ctx * MAX_KV_BYTES[target] // kv_cache_bytes(arch, ctx)))
+    kv = kv_cache_bytes(arch, ctx)
+    room = MAX_STATE_BYTES[target] - (state_bytes(arch, ctx) - kv)
+    return max(1, min(ctx, ctx * max(room, 0) // kv)) if kv else ctx
 
 
 def _stoppable(progress: Progress | None) -> Progress:
@@ -777,14 +891,17 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
     if arch.n_heads % arch.n_kv_heads:
         raise UnsupportedError("Core ML export: attention heads not a multiple of KV heads")
 
+    # a module's model_name(name) maps package names to its model's (e.g. a VL wrapper's text)
+    rename = getattr(arch.module, "model_name", lambda n: n)
     weights, records = {}, {}
     for i, rec in enumerate(canonical.tensors(), 1):
-        if "rotary_emb.inv_freq" not in rec.name:
+        name = rename(rec.name)
+        if name is not None and "rotary_emb.inv_freq" not in name:
             v = rec.value
             enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
             # provenance only: keeping `rec` would keep its packed source codes (4 GB for an
             # 8B 4-bit model) alongside the encoded ones until the report is written
-            weights[rec.name], records[rec.name] = enc, {
+            weights[name], records[name] = enc, {
                 "source_name": rec.source_name, "source_type": rec.source_type,
                 "source_class": rec.mapping, "note": rec.note}
         if progress:

@@ -484,7 +484,6 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     from edgert.models import architecture
 
     arch = architecture(config.get("model_type"))  # what is specific to it lives there
-    _check_config(path, arch, config)
     qcfg = config.pop("quantization_config", None) or {}
     mlx_quant = config.pop("quantization", None)
     kind = source_kind(qcfg, mlx_quant)
@@ -492,6 +491,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     refs, dropped = _renamed(safetensors_index(path), arch, config)
     if hasattr(arch, "hf_config"):
         config = arch.hf_config(config)
+    _check_config(path, arch, config)  # the config the package stores (a wrapper's text model)
     try:  # rows-first shapes only: packed GPTQ / AWQ / BitNet tensors are left out
         check_config(config, {n: r.shape for n, r in refs.items() if r.dtype != "U8"
                               and not n.endswith((".qweight", ".qzeros"))})

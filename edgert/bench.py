@@ -43,6 +43,19 @@ PUBLISHED = [
 
 # Shapes of the synthetic models (HF config fields).
 SYNTHETIC = {
+    # Qwen3.5-9B's text model (transformers' Qwen3_5TextConfig defaults): 24 Gated DeltaNet and
+    # 8 gated full-attention layers
+    "qwen3.5-9b": dict(model_type="qwen3_5_text", hidden_size=4096, num_hidden_layers=32,
+                       intermediate_size=12288, num_attention_heads=16, num_key_value_heads=4,
+                       head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                       linear_key_head_dim=128, linear_value_head_dim=128,
+                       vocab_size=248320, tie_word_embeddings=False),
+    # Qwen3.6-27B / Bonsai-27B shapes: 48 linear and 16 full-attention layers
+    "qwen3.6-27b": dict(model_type="qwen3_5_text", hidden_size=5120, num_hidden_layers=64,
+                        intermediate_size=17408, num_attention_heads=24, num_key_value_heads=4,
+                        head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
+                        linear_key_head_dim=128, linear_value_head_dim=128,
+                        vocab_size=248320, tie_word_embeddings=False),
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36,
                      intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=151936, tie_word_embeddings=False),

@@ -357,9 +357,6 @@ def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtyp
                         bits=None if bits is None else int(bits),
                         group_size=None if group_size is None else int(group_size),
                         overrides=overrides, requantize=requantize, scale_dtype=scale_dtype)
-    meta = json.loads((path / "edgert.json").read_text())
-    if dropped := meta.get("source", {}).get("dropped"):  # said once: what was left out
-        click.echo(f"{src}: {dropped}", err=True)
     click.echo(f"wrote {path}")
     source = json.loads((path / "edgert.json").read_text()).get("source", {})
     if source.get("dropped"):  # e.g. a vision tower the architecture leaves out

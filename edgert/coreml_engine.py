@@ -98,21 +98,37 @@ def make_runner(pkg: Path, backend: str = "auto", compute_units: str = "ALL"):
 
 
 class CoreMLCache:
-    """The package's KV state plus how many positions hold tokens. Trimming only moves the
-    offset back: the causal mask hides every slot at or past it, and the next call
-    overwrites them. (Snapshots, for caches that cannot trim, are not needed here.)"""
+    """The package's states plus how many positions hold tokens. Where every state is a KV
+    cache, trimming only moves the offset back: the causal mask hides every slot at or past
+    it, and the next call overwrites them. A package with recurrent states (a hybrid model)
+    cannot trim; it is snapshotted instead (each state read out and written back)."""
 
-    trimmable = True
-
-    def __init__(self, state, context: int):
+    def __init__(self, state, context: int, names: tuple[str, ...] = (),
+                 trimmable: bool = True):
         self.core_state, self.context = state, context
+        self.names, self.trimmable = names, trimmable
         self.offset = 0
+
+    def snapshot(self):
+        read = (self.core_state.__getitem__ if isinstance(self.core_state, dict)
+                else self.core_state.read_state)  # an interpreter dict, or an MLState
+        return self.offset, {n: np.array(read(n)) for n in self.names}
+
+    def restore(self, snap) -> None:
+        self.offset, arrays = snap
+        for name, value in arrays.items():
+            if isinstance(self.core_state, dict):
+                self.core_state[name] = value.copy()
+            else:
+                self.core_state.write_state(name, value)
 
     @property
     def state(self) -> list:
         return []  # nothing for mx.eval: Core ML has already run
 
     def trim(self, n: int) -> int:
+        if not self.trimmable:
+            return 0  # recurrent states only go forward (restore a snapshot instead)
         n = min(self.offset, n)
         self.offset -= n
         return n
@@ -143,7 +159,10 @@ class CoreMLModel:
         return self.runner.name
 
     def make_cache(self) -> list[CoreMLCache]:
-        return [CoreMLCache(self.runner.make_state(), self.context)]
+        states = self.manifest["functions"]["decode"]["states"]
+        rewinds = all(s.get("kind", "kv_cache") == "kv_cache" for s in states)
+        return [CoreMLCache(self.runner.make_state(), self.context,
+                            tuple(s["name"] for s in states), rewinds)]
 
     def __call__(self, inputs: mx.array, cache: list[CoreMLCache] | None = None) -> mx.array:
         """ids (1, L) -> logits (1, 1, vocab) float32 of the last position."""

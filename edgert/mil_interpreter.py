@@ -526,6 +526,9 @@ class InterpreterSession:
                 self._by_op[outs[0].name] = (self._const_inputs(op, env), self._constants[key])
             env[outs[0].name] = self._constants[key]
             return
+        if t == "while_loop":
+            self._while_loop(function, op, env)
+            return
         if t == "read_state":  # kernels never write into their inputs: aliasing is safe
             env[outs[0].name] = self.states[env[op.inputs["input"].name].name]
             return
@@ -541,6 +544,23 @@ class InterpreterSession:
         results = result if isinstance(result, tuple) else (result,)
         for var, value in zip(outs, results):
             env[var.name] = np.asarray(value).astype(_np_dtype(var.dtype), copy=False)
+
+    def _while_loop(self, function: str, op, env: dict) -> None:
+        """while_loop: its cond block, then its body block, on the loop variables, until the
+        cond block gives false; the op's outputs are the last loop variables."""
+        cond, body = op.blocks
+        values = [env[v.name] if v.name in env else v.val for v in op.inputs["loop_vars"]]
+        while True:
+            for block in (cond, body):
+                for var, value in zip(block.inputs, values):
+                    env[var.name] = value
+                for inner in block.operations:
+                    self._run(function, inner, env)
+                if block is cond and not bool(np.asarray(env[cond.outputs[0].name])):
+                    for var, value in zip(op.outputs, values):
+                        env[var.name] = value
+                    return
+            values = [env[v.name] for v in body.outputs]
 
     def _call(self, function: str, op, env: dict, raw: bool):
         fn = KERNELS.get(op.op_type)

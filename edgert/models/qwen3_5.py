@@ -33,6 +33,7 @@ from .gated_delta import decay_and_rate, gated_delta, l2_normalize
 from .rope import initialize_rope
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+COREML_GRAPH = "hybrid"  # edgert.convert.coreml_hybrid
 LINEAR, FULL = "linear_attention", "full_attention"
 
 
@@ -311,9 +312,8 @@ class Model(nn.Module):
         text model, its vision tower and MTP head are dropped; a tied head is dropped."""
         out = {}
         for k, v in weights.items():
-            if k.startswith(("model.visual.", "visual.", "mtp.")) or "rotary_emb" in k:
+            if (k := model_name(k)) is None:
                 continue
-            k = k.replace("model.language_model.", "model.", 1)
             if k.endswith("conv1d.weight") and v.ndim == 3 and v.shape[1] != 1:
                 v = v.swapaxes(1, 2)  # mlx-lm's (C, K, 1) -> HF (C, 1, K)
             out[k] = v
@@ -324,6 +324,14 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+
+def model_name(name: str) -> str | None:
+    """A package tensor name -> the text model's (a VL wrapper's model.language_model.* is
+    model.*); None for what the text model does not hold (vision tower, MTP head, rotary)."""
+    if name.startswith(("model.visual.", "visual.", "mtp.")) or "rotary_emb" in name:
+        return None
+    return name.replace("model.language_model.", "model.", 1)
 
 
 # ------------------------------------------------------------------ HF reader hooks
@@ -392,6 +400,7 @@ GGUF_TENSORS = {
 GGUF_LEAVES = {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}
 _SHIFTED = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight",
             "q_norm.weight", "k_norm.weight")
+ZERO_CENTRED_NORMS = _SHIFTED  # the RMSNorms that scale by (1 + w) (all but linear_attn.norm)
 
 
 def gguf_config(meta, config: dict) -> dict:

@@ -38,10 +38,23 @@ public struct Manifest: Decodable, Sendable {
         public let dtype: String
         /// States only: `kv_cache` (positional, masked: a conversation can be rewound) or
         /// `recurrent` (carried forward: it cannot). Nil in version 1 (all `kv_cache`).
+        /// A hybrid model (Qwen3.5) has both: `key_cache` / `value_cache` for its
+        /// full-attention layers, `conv_state` / `delta_state` for its linear-attention ones.
         public let kind: String?
+        /// States only: the bytes it takes (allocated once per `MLState`); nil before
+        /// edgert wrote sizes (then `byteCount` counts them from the shape).
+        public let bytes: Int?
         /// Inputs beyond `input_ids`, `position` and `causal_mask`: where their values come
         /// from (e.g. a per-layer embedding file read outside the program). Nil for those three.
         public let source: InputSource?
+
+        /// Bytes of this tensor: `bytes` where the manifest gives it, else from the shape
+        /// (float16 / int32 / float32 elements).
+        public var byteCount: Int {
+            if let bytes { return bytes }
+            let element = dtype == "float16" ? 2 : 4
+            return shape.reduce(element) { $0 * max($1, 1) }
+        }
     }
 
     /// Where an extra input's values come from: `kind` names the rule, `path` a file relative
@@ -123,6 +136,12 @@ public struct Manifest: Decodable, Sendable {
         functions[IONames.decode]?.states ?? []
     }
 
+    /// What one conversation's states take in memory (every state, KV and recurrent), so an
+    /// app can budget memory before it loads the model.
+    public var stateMemoryBytes: Int {
+        states.reduce(0) { $0 + $1.byteCount }
+    }
+
     /// True when every state is a positional KV cache: feeding tokens at an earlier position
     /// rewinds the conversation (the mask hides stale slots). Recurrent states cannot rewind.
     public var statesCanRewind: Bool {
@@ -164,6 +183,10 @@ public struct Manifest: Decodable, Sendable {
                 !["kv_cache", "recurrent"].contains($0.kind ?? "kv_cache")
             }) {
                 throw EdgertError.manifest("state \(state.name) has unknown kind \(state.kind ?? "")")
+            }
+            if let state = function.states.first(where: { $0.dtype != "float16" }) {
+                throw EdgertError.manifest("state \(state.name) has dtype \(state.dtype), " +
+                                           "expected float16")
             }
         }
         guard functions[IONames.prefill]?.states.map(\.name) == states.map(\.name) else {

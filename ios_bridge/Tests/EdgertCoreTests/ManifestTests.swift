@@ -13,12 +13,39 @@ final class ManifestTests: XCTestCase {
                        [manifest.numHiddenLayers, manifest.numKeyValueHeads, manifest.contextLength,
                         manifest.headDim])
         XCTAssertTrue(manifest.statesCanRewind)
+        let kv = manifest.states.first!
+        XCTAssertEqual(kv.bytes, 2 * kv.shape.reduce(1, *))  // float16
+        XCTAssertEqual(manifest.stateMemoryBytes, 2 * kv.byteCount)
         XCTAssertEqual(manifest.prefillMaxLength, min(manifest.contextLength, 512))
         XCTAssertEqual(manifest.chatFormat?.type, "role_affixes")
         XCTAssertEqual(manifest.weightsSha256?.count, 64)
         XCTAssertEqual(manifest.vocabSize, 49152)
         let tokenizer = try Fixture.manifestFolder().appendingPathComponent(manifest.tokenizerJSON ?? "-")
         XCTAssertTrue(FileManager.default.fileExists(atPath: tokenizer.path))
+    }
+
+    /// A hybrid model's manifest: recurrent states beside the KV cache, so the state cannot
+    /// rewind, and its memory counts every state.
+    func testRecurrentStatesDecode() throws {
+        let url = try Fixture.manifestFolder().appendingPathComponent(PackageLayout.manifestFile)
+        var m = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+        let recurrent: [[String: Any]] = [
+            ["name": "conv_state", "shape": [2, 3, 128], "dtype": "float16", "kind": "recurrent",
+             "bytes": 1536],
+            ["name": "delta_state", "shape": [2, 4, 16, 16], "dtype": "float16",
+             "kind": "recurrent"],  // no bytes: counted from the shape
+        ]
+        var f = m["functions"] as! [String: [String: Any]]
+        for name in [IONames.prefill, IONames.decode] {
+            f[name]!["states"] = (f[name]!["states"] as! [[String: Any]]) + recurrent
+        }
+        m["functions"] = f
+        let manifest = try Manifest.decode(from: JSONSerialization.data(withJSONObject: m))
+        XCTAssertEqual(manifest.states.map(\.name),
+                       [IONames.keyCache, IONames.valueCache, "conv_state", "delta_state"])
+        XCTAssertFalse(manifest.statesCanRewind)
+        let kv = manifest.states[0].byteCount
+        XCTAssertEqual(manifest.stateMemoryBytes, 2 * kv + 1536 + 2 * 2 * 4 * 16 * 16)
     }
 
     /// Each broken manifest is refused with a description naming the problem.
@@ -49,6 +76,13 @@ final class ManifestTests: XCTestCase {
             f["decode"]!["states"] = states
             m["functions"] = f
         }, "unknown kind mystery")
+        try refused({ m in
+            var f = m["functions"] as! [String: [String: Any]]
+            var states = f["decode"]!["states"] as! [[String: Any]]
+            states[0]["dtype"] = "float32"
+            f["decode"]!["states"] = states
+            m["functions"] = f
+        }, "has dtype float32, expected float16")
         try refused({ m in
             var f = m["functions"] as! [String: [String: Any]]
             var inputs = f["decode"]!["inputs"] as! [[String: Any]]

@@ -36,6 +36,7 @@ class TensorRecord:
     # The source's own dequantization of this tensor as float32 (what `edgert verify` compares
     # against); None where the value is the source tensor itself.
     reference: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    experts: int = 0  # routed experts stacked on the first axis ((E, out, in) / (E, out))
 
     def reference_value(self) -> np.ndarray:
         """The source's float32 reference for this tensor."""
@@ -61,6 +62,10 @@ class TensorRecord:
             "max_abs_error": float(self.max_abs_error),
             "bits_per_weight": round(8.0 * v.nbytes / max(n, 1), 4),
         }
+        if self.experts:  # routed experts, reported stacked
+            entry["experts"] = self.experts
+            entry["layout"] = ("stacked experts (E, out, in)" if len(self.shape) == 3
+                               else "stacked experts (E, out)")
         if isinstance(v, QuantTensor):
             entry.update(bits=v.bits, group_size=v.group_size, mode=v.mode,
                          scale_dtype=str(v.scales.dtype))

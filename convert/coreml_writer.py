@@ -118,9 +118,14 @@ class Arch:
 
     @classmethod
     def from_config(cls, config: dict) -> "Arch":
+        model_type = config.get("model_type", "<missing>")
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        experts = text.get("num_experts") or text.get("num_local_experts")
+        if experts:
+            raise UnsupportedError(f"Core ML export: mixture-of-experts models are not supported "
+                                   f"({model_type}, {experts} experts); use the MLX package")
         from edgert.models import architecture, supported
 
-        model_type = config.get("model_type", "<missing>")
         served = [t for t in supported() if getattr(architecture(t), "COREML_GRAPH", None)
                   in GRAPHS]
         if model_type not in served:
@@ -678,6 +683,8 @@ def package_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
     (the Swift bridge reads tokenizer.json only)."""
     if "tokenizer.json" in files or "tokenizer.model" not in files:
         return dict(files)
+    import tempfile
+
     from edgert.tokenizer import _sentencepiece_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -305,31 +305,69 @@ def hf_config(reader: GGUFReader, tensor_names: set[str]) -> dict:
 # ------------------------------------------------------------------ tensors
 
 def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
-    """The HF name of a GGUF tensor in a `model_type` model, or None.
+    """The HF name of a GGUF tensor in a `model_type` model, or None (for a fused tensor, its
+    first part's).
 
     blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight"""
+    names = hf_names(gguf_name, model_type)
+    return names[0] if names else None
+
+
+def hf_names(gguf_name: str, model_type: str = "llama") -> list[str] | None:
+    """The HF names of a GGUF tensor: one, or, where the spec maps it to a tuple of names
+    (llama.cpp's fused tensors, e.g. ffn_gate_up_exps), its equal row blocks in order."""
     from edgert.models import architecture
 
     spec = architecture(model_type).GGUF
     layer, _, leaf = gguf_name.removeprefix("blk.").partition(".")
     if gguf_name.startswith("blk.") and leaf in spec.leaves:
-        return f"model.layers.{layer}.{spec.leaves[leaf]}"
+        return [f"model.layers.{layer}.{spec.leaves[leaf]}"]
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        names = spec.tensors
         if part in spec.parameters and kind == "weight":
-            return f"model.layers.{layer}.{spec.parameters[part]}"
-        return f"model.layers.{layer}.{names[part]}.{kind}" if part in names else None
+            return [f"model.layers.{layer}.{spec.parameters[part]}"]
+        target = spec.tensors.get(part)
+        if target is None:
+            return None
+        return [f"model.layers.{layer}.{t}.{kind}"
+                for t in (target if isinstance(target, tuple) else (target,))]
     stem, _, kind = gguf_name.rpartition(".")
     if stem in spec.global_tensors and kind in ("weight", "bias"):
-        return f"{spec.global_tensors[stem]}.{kind}"
+        return [f"{spec.global_tensors[stem]}.{kind}"]
     return None
 
 
+def split_rows(record: TensorRecord, names: list[str]) -> list[TensorRecord]:
+    """A fused tensor's record cut into len(names) equal blocks of rows (axis -2), one record
+    each; quantized rows move whole, so every class carries over."""
+    n, v = len(names), record.value
+
+    def part(a, i):
+        return None if a is None else np.ascontiguousarray(np.split(a, n, axis=-2)[i])
+
+    out = []
+    for i, name in enumerate(names):
+        value = (QuantTensor(part(v.w_q, i), part(v.scales, i), part(v.biases, i), v.bits,
+                             v.group_size, v.mode) if isinstance(v, QuantTensor) else part(v, i))
+        ref = record.reference
+        out.append(dataclasses.replace(
+            record, name=name, value=value,
+            note="; ".join(x for x in (record.note, f"rows {i + 1} of {n} of the fused tensor") if x),
+            reference=None if ref is None else (lambda ref=ref, i=i: part(ref(), i))))
+    return out
+
+
 def _hf_shapes(reader: GGUFReader, model_type: str) -> dict[str, tuple[int, ...]]:
-    """HF name -> numpy-order shape (rows first) of every tensor with an HF counterpart."""
-    return {name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors
-            if (name := hf_name(t.name, model_type))}
+    """HF name -> numpy-order shape (rows first) of every tensor with an HF counterpart (each
+    part of a fused tensor with its share of the rows)."""
+    out = {}
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape.tolist())]
+        names = hf_names(t.name, model_type) or []
+        if len(names) > 1:
+            shape[-2] //= len(names)
+        out |= {name: tuple(shape) for name in names}
+    return out
 
 
 def hf_value(record: TensorRecord, spec, config: dict) -> TensorRecord:
@@ -394,6 +432,24 @@ def map_in_chunks(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
     return worst._replace(value=value, max_abs_error=error)
 
 
+def map_tensor(cls, data: np.ndarray, shape: tuple[int, ...]) -> Mapped:
+    """map_in_chunks, for stacked experts (E, rows, cols) one expert at a time (the per-type
+    rules work on 2-D byte arrays), the results stacked: the worst class, the worst error."""
+    if len(shape) != 3:
+        return map_in_chunks(cls, data, shape)
+    parts = [map_in_chunks(cls, data[e], shape[1:]) for e in range(shape[0])]
+    worst = max(parts, key=lambda m: _CLASS_ORDER.index(m.mapping)
+                if m.mapping in _CLASS_ORDER else -1)
+    error = functools.reduce(worse_error, (m.max_abs_error for m in parts), 0.0)
+    if isinstance(parts[0].value, QuantTensor):
+        from .hf_reader import stack_quantized
+
+        value = stack_quantized([m.value for m in parts])
+    else:
+        value = np.stack([m.value for m in parts])
+    return worst._replace(value=value, max_abs_error=error)
+
+
 def _dequantized(t, shape: tuple[int, ...]) -> np.ndarray:
     """gguf-py's reference dequantization of tensor `t` in numpy order, float32. For types
     gguf-py cannot dequantize (Q1_0, Q2_0, PrismML's 1-bit) the exact MLX mapping's, which the
@@ -401,12 +457,17 @@ def _dequantized(t, shape: tuple[int, ...]) -> np.ndarray:
     try:
         w = gguf_dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
     except (NotImplementedError, KeyError, ValueError):
-        m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
+        m = map_tensor(mlx_type(t.tensor_type, t.name), t.data, shape)
         if m.mapping not in (EXACT, WIDENED, F32_SCALES_EXACT):
             raise ValueError(f"{t.name}: no reference dequantization for {t.tensor_type.name}")
         from edgert.quant import dequantize
 
-        w = dequantize(m.value) if isinstance(m.value, QuantTensor) else np.float32(m.value)
+        v = m.value
+        if isinstance(v, QuantTensor) and len(shape) == 3:  # experts, one at a time
+            w = np.stack([dequantize(QuantTensor(v.w_q[e], v.scales[e], v.biases[e], v.bits,
+                                                 v.group_size)) for e in range(shape[0])])
+        else:
+            w = dequantize(v) if isinstance(v, QuantTensor) else np.float32(v)
     return w
 
 
@@ -418,6 +479,16 @@ def _requantized(record: TensorRecord, want: dict, scale_dtype: str) -> TensorRe
     ref = record.reference_value()
     bits = DEFAULT_BITS if want.get("bits") is None else want["bits"]
     group = want.get("group_size") or DEFAULT_GROUP
+    if ref.ndim == 3 and bits != 0 and ref.shape[2] % group == 0:  # experts, one at a time
+        from .hf_reader import stack_quantized
+
+        parts = [quantize_float(ref[e], bits, group, scale_dtype) for e in range(ref.shape[0])]
+        err = functools.reduce(worse_error, (e for _, e in parts), 0.0)
+        return TensorRecord(record.name, stack_quantized([t for t, _ in parts]),
+                            record.source_name, record.source_type, REQUANTIZED, err,
+                            note=f"requantized to {bits}-bit group {group} per expert from the "
+                            "source's dequantization", reference=record.reference,
+                            experts=ref.shape[0])
     if bits == 0 or ref.ndim != 2 or ref.shape[1] % group:
         why = "" if bits == 0 else f" ({ref.shape[-1]} columns, group {group})"
         return TensorRecord(record.name, ref, record.source_name, record.source_type, EXACT,
@@ -433,7 +504,7 @@ def _wants_change(want: dict | None, value) -> bool:
     if want is None:
         return False
     if not isinstance(value, QuantTensor):
-        return value.ndim == 2 and want.get("bits") not in (None, 0)
+        return value.ndim in (2, 3) and want.get("bits") not in (None, 0)
     return any(want.get(k) is not None and want[k] != v
                for k, v in (("bits", value.bits), ("group_size", value.group_size)))
 
@@ -474,7 +545,7 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                 if not gguf_py_dequantizes(t.tensor_type):
                     raise UnsupportedError(f"tensor {t.name}: gguf-py cannot dequantize "
                                            f"{t.tensor_type.name} either")
-            elif mlx_type(t.tensor_type, t.name) and len(t.shape) != 2 and (
+            elif mlx_type(t.tensor_type, t.name) and len(t.shape) not in (2, 3) and (
                     type_layout(t.tensor_type)[0] > 1):
                 raise UnsupportedError(f"tensor {t.name}: {len(t.shape)}-dim "
                                        f"{t.tensor_type.name} tensors are not supported")
@@ -499,23 +570,29 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
     def tensors() -> Iterator[TensorRecord]:
         for t in kept:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order (rows, cols)
-            name = hf_name(t.name, arch)
+            names = hf_names(t.name, arch)
             reference = functools.partial(_dequantized, t, shape)
-            want = request.get(name.removesuffix(".weight").removesuffix(".bias"))
+            experts = shape[0] if len(shape) == 3 else 0  # stacked (E, out, in)
             if t.tensor_type not in TYPES:  # only with `requantize` (checked above)
-                placeholder = TensorRecord(name, np.empty(0), t.name, t.tensor_type.name, EXACT,
-                                           reference=_transformed(spec, name, config, reference))
-                record = _requantized(placeholder, want or {}, scale_dtype)
-                record.note += f"; {t.tensor_type.name} has no exact MLX layout"
-                yield record
+                whole = TensorRecord(names[0], np.empty((0, 0)), t.name, t.tensor_type.name,
+                                     EXACT, reference=reference, experts=experts)
+                for part in split_rows(whole, names) if len(names) > 1 else [whole]:
+                    part.reference = _transformed(spec, part.name, config, part.reference)
+                    want = request.get(part.name.removesuffix(".weight").removesuffix(".bias"))
+                    record = _requantized(part, want or {}, scale_dtype)
+                    record.note += f"; {t.tensor_type.name} has no exact MLX layout"
+                    yield record
                 continue
-            m = map_in_chunks(mlx_type(t.tensor_type, t.name), t.data, shape)
-            record = hf_value(TensorRecord(name, m.value, t.name, t.tensor_type.name, m.mapping,
-                                           m.max_abs_error, note=m.note, reference=reference),
-                              spec, config)
-            if _wants_change(want, record.value) and name.endswith(".weight"):
-                record = _requantized(record, want, scale_dtype)
-            yield record
+            m = map_tensor(mlx_type(t.tensor_type, t.name), t.data, shape)
+            whole = TensorRecord(names[0], m.value, t.name, t.tensor_type.name, m.mapping,
+                                 m.max_abs_error, note=m.note, reference=reference,
+                                 experts=experts)
+            for part in split_rows(whole, names) if len(names) > 1 else [whole]:
+                record = hf_value(part, spec, config)
+                want = request.get(record.name.removesuffix(".weight").removesuffix(".bias"))
+                if _wants_change(want, record.value) and record.name.endswith(".weight"):
+                    record = _requantized(record, want, scale_dtype)
+                yield record
 
     source = {
         "path": str(path.resolve()), "sha256": sha256_file(path), "format": "gguf",
@@ -525,7 +602,8 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
     }
     if note:
         source["note"] = note
-    return CanonicalModel(config, tensors, len(kept), tokenizer_files, source)
+    count = sum(len(hf_names(t.name, arch)) for t in kept)
+    return CanonicalModel(config, tensors, count, tokenizer_files, source)
 
 
 def _file_type(value: int | None) -> str | int | None:

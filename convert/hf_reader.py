@@ -19,6 +19,7 @@ for bits. Tensors stream one at a time from memory-mapped files.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from edgert.quant import (DEFAULT_BITS, DEFAULT_GROUP, MLX_BITS, MLX_GROUPS,  # 
                           SCALE_DTYPES, QuantTensor, dequantize, mx_dequantize, quantize_float)
 
 from .canonical import (EXACT, F32_SCALES_EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel,
-                        TensorRecord)
+                        TensorRecord, worse_error)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -57,13 +58,16 @@ class TensorRef:
     shape: tuple[int, ...]
     offset: int  # byte offset of the data in the file
 
-    def load(self) -> np.ndarray:
-        """The tensor in memory; BF16 is widened (exactly) to float32, which numpy can hold."""
+    def load(self, index: int | None = None) -> np.ndarray:
+        """The tensor in memory (only `[index]` along the first axis, if given: one expert of
+        a stacked tensor); BF16 is widened (exactly) to float32, which numpy can hold."""
         if self.dtype not in _NP_DTYPES:
             raise UnsupportedError(f"safetensors dtype {self.dtype} in {self.file.name}")
         n = int(np.prod(self.shape))
         a = np.memmap(self.file, dtype=_NP_DTYPES[self.dtype], mode="r", offset=self.offset,
                       shape=(n,)).reshape(self.shape)
+        if index is not None:
+            a = a[index]
         if self.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         return np.array(a)
@@ -289,6 +293,13 @@ class Request:
             if o.get("group_size") not in (None, *MLX_GROUPS):
                 raise EdgertError(f"group_size{where} must be one of {MLX_GROUPS}")
 
+    def override(self, module: str) -> dict | None:
+        """The per-module override matching `module` (path or pattern), or None."""
+        o = self.overrides.get(module)
+        if o is None:
+            o = next((v for k, v in self.overrides.items() if fnmatch.fnmatchcase(module, k)), None)
+        return o
+
     def get(self, module: str) -> dict | None:
         """{"bits", "group_size"} asked for `module` (values may be None); None if nothing was."""
         o = self.overrides.get(module)
@@ -432,6 +443,188 @@ def _mlx_step(module: str, refs: dict[str, TensorRef], quant: dict, want: dict |
     return [name], copy
 
 
+# ------------------------------------------------------------------ stacked experts (MoE)
+
+
+@dataclass
+class ExpertStack:
+    """One (E, out, in) package tensor gathered from E per-expert source tensors or cut from
+    a fused one; read one expert at a time, so at most one tensor's experts are in memory."""
+
+    name: str  # package name, e.g. model.layers.0.mlp.switch_mlp.up_proj.weight
+    source_name: str  # e.g. model.layers.0.mlp.experts.{0..7}.up_proj.weight
+    source_type: str  # the sources' safetensors dtype
+    shape: tuple[int, ...]  # (E, out, in), or (E, out) for biases
+    load: Callable[[int], np.ndarray]  # expert e -> (out, in) / (out,)
+
+
+def expert_stacks(refs: dict[str, TensorRef], arch,
+                  config: dict) -> tuple[dict[str, ExpertStack], set[str]]:
+    """The stacked tensors an architecture module declares (`hf_stack(name, config)` ->
+    (package name, expert) for per-expert tensors; `hf_fused(name, config)` -> (package
+    names, split) for fused (E, a, b) ones), keyed by the first source name they consume,
+    and the source names consumed. One-line errors for experts missing, numbered out of order or of different shapes."""
+    stack, fused = getattr(arch, "hf_stack", None), getattr(arch, "hf_fused", None)
+    groups: dict[str, dict[int, str]] = {}
+    out: dict[str, ExpertStack] = {}
+    consumed: set[str] = set()
+    for name, ref in refs.items():
+        if stack is not None and (hit := stack(name, config)) is not None:
+            groups.setdefault(hit[0], {})[hit[1]] = name
+        elif fused is not None and (hit := fused(name, config)) is not None:
+            out.update(_fused_stacks(name, ref, *hit))
+        else:
+            continue
+        consumed.add(name)
+    for target, by_expert in groups.items():
+        names = [by_expert[e] for e in sorted(by_expert)]
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise EdgertError(f"{target}: the checkpoint's experts are {sorted(by_expert)}, "
+                              f"not 0..{len(by_expert) - 1}")
+        shapes = {refs[n].shape for n in names}
+        if len(shapes) > 1 or len(next(iter(shapes))) != 2:
+            odd = next(n for n in names if refs[n].shape != refs[names[0]].shape)
+            raise EdgertError(f"{target}: expert tensors of mismatched shapes ({names[0]} "
+                              f"{list(refs[names[0]].shape)}, {odd} {list(refs[odd].shape)})")
+        out[names[0]] = ExpertStack(
+            target, _expert_pattern(names), refs[names[0]].dtype,
+            (len(names), *refs[names[0]].shape), lambda e, names=names: refs[names[e]].load())
+    return out, consumed
+
+
+def _fused_stacks(name: str, ref: TensorRef, targets: list[str], split) -> dict:
+    """The parts of a fused (E, a, b) tensor, each (E, out, in), keyed name, name#1, ..."""
+    if len(ref.shape) < 2:
+        raise EdgertError(f"{name}: fused experts of shape {list(ref.shape)} (expected (E, ...))")
+    dummy = np.broadcast_to(np.zeros((), np.float32), (1, *ref.shape[1:]))
+    shapes = [p.shape[1:] for p in split(dummy)]
+    return {name if j == 0 else f"{name}#{j}": ExpertStack(
+        t, name, ref.dtype, (ref.shape[0], *shape),
+        lambda e, j=j: np.ascontiguousarray(split(ref.load(e)[None])[j][0]))
+        for j, (t, shape) in enumerate(zip(targets, shapes))}
+
+
+def _expert_pattern(names: list[str]) -> str:
+    """model.layers.0.mlp.experts.{0..7}.up_proj.weight for the report."""
+    if len(names) == 1:
+        return names[0]
+    parts = names[0].split(".")
+    i = next(i for i, (a, b) in enumerate(zip(parts, names[1].split("."))) if a != b)
+    parts[i] = f"{{0..{len(names) - 1}}}"
+    return ".".join(parts)
+
+
+def stack_quantized(parts: list[QuantTensor]) -> QuantTensor:
+    """Per-expert (out, in) quantized tensors -> one (E, out, in); float32 scales for all if
+    any expert needed them (exact widening of the others)."""
+    dt = np.float32 if any(p.scales.dtype == np.float32 for p in parts) else parts[0].scales.dtype
+    return QuantTensor(np.stack([p.w_q for p in parts]),
+                       np.stack([p.scales.astype(dt) for p in parts]),
+                       np.stack([p.biases.astype(dt) for p in parts]),
+                       parts[0].bits, parts[0].group_size)
+
+
+def _stack_records(stack: ExpertStack, want: dict | None, scale_dtype: str,
+                   quantize: bool) -> list[TensorRecord]:
+    """Each expert quantized as asked (default 4-bit g64) with the same layout, then stacked;
+    or the float experts stacked."""
+    bits = DEFAULT_BITS if want is None or want["bits"] is None else want["bits"]
+    group = DEFAULT_GROUP if want is None or want["group_size"] is None else want["group_size"]
+    E, cols = stack.shape[0], stack.shape[-1]
+    note = f"{E} experts stacked (E, out, in)" if len(stack.shape) == 3 else f"{E} experts stacked"
+    reference = lambda: np.stack([np.asarray(stack.load(e), np.float32) for e in range(E)])
+    quantize = quantize and len(stack.shape) == 3 and stack.name.endswith(".weight")
+    if not quantize or bits == 0 or cols % group:
+        if quantize and bits != 0:
+            note += f"; kept float: {cols} columns, group {group}"
+        return [TensorRecord(stack.name, np.stack([stack.load(e) for e in range(E)]),
+                             stack.source_name, stack.source_type, FLOAT, note=note, experts=E)]
+    parts, err = [], 0.0
+    for e in range(E):
+        t, e_err = quantize_float(stack.load(e), bits, group, scale_dtype)
+        parts.append(t)
+        err = worse_error(err, e_err)
+    return [TensorRecord(stack.name, stack_quantized(parts), stack.source_name,
+                         stack.source_type, REQUANTIZED, err, note=note, reference=reference,
+                         experts=E)]
+
+
+def check_against_model(arch, config: dict, planned: dict[str, tuple]) -> None:
+    """Compare the tensors a conversion will write with the parameters of the architecture's
+    model built from `config` (lazily: nothing is allocated), one line per problem kind:
+    the expert count, a tensor missing (e.g. a router), an unexpected one, a shape."""
+    from mlx.utils import tree_flatten
+
+    try:
+        args = arch.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise EdgertError(f"config.json: {e}") from None
+    model = arch.Model(args)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    # what the loader will see: the names and shapes after the model's own sanitize (lazy
+    # zeros: nothing is allocated)
+    seen = model.sanitize({k: mx.zeros(v, mx.float32) for k, v in planned.items()})
+    planned = {k: tuple(v.shape) for k, v in seen.items()}
+    for name, shape in planned.items():
+        want = expected.get(name)
+        if want is None:
+            raise EdgertError(f"{name}: in the checkpoint, but not in a {config['model_type']} "
+                              "model of this config.json")
+        if len(want) == 3 and len(shape) == 3 and want[1:] == shape[1:] and want != shape:
+            raise EdgertError(f"{name}: {shape[0]} experts in the checkpoint, config.json "
+                              f"says {want[0]}")
+        if want != tuple(shape):
+            raise EdgertError(f"{name}: shape {list(shape)} in the checkpoint, {list(want)} "
+                              "from config.json")
+    missing = sorted(set(expected) - set(planned))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EdgertError(f"the checkpoint has no {missing[0]}{more}")
+
+
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def mxfp4_dequantize(w_q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 by the OCP definition: (rows, cols/8) uint32 of 4-bit E2M1 codes, element 2i in
+    the low nibble of byte i, and (rows, cols/32) uint8 E8M0 scales 2**(s - 127) ->
+    (rows, cols) float32."""
+    codes = w_q.view(np.uint8)
+    nib = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+    vals = FP4_E2M1[nib].reshape(*scales.shape, 32)
+    return np.ldexp(vals, scales.astype(np.int32)[..., None] - 127).reshape(*nib.shape)
+
+
+def _mxfp4_steps(module: str, refs: dict[str, TensorRef], arch, config: dict) -> list[Step]:
+    """HF MXFP4 (`X_blocks` (E, rows, cols/32, 16) uint8, `X_scales` (E, rows, cols/32) uint8)
+    onto MLX's "mxfp4" mode bit for bit (the same nibble order and scales), one expert at a
+    time; the architecture's `hf_packed(X, config)` names the parts and splits the rows."""
+    packed = getattr(arch, "hf_packed", lambda n, c: None)(module, config)
+    if packed is None:
+        raise UnsupportedError(f"{module}: MXFP4 tensors this architecture does not place")
+    targets, split = packed
+    blocks, scales = refs[f"{module}_blocks"], refs[f"{module}_scales"]
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16 or len(scales.shape) != 3:
+        raise EdgertError(f"{module}: MXFP4 blocks {list(blocks.shape)} and scales "
+                          f"{list(scales.shape)} do not match")
+
+    def expert(e: int) -> tuple[list, list]:
+        b = np.ascontiguousarray(blocks.load(e)).reshape(scales.shape[1], -1)  # (rows, cols/2)
+        return split(b.view(np.uint32)[None]), split(scales.load(e)[None])
+
+    def produce(j: int) -> list[TensorRecord]:
+        parts = [expert(e) for e in range(blocks.shape[0])]
+        w_q = np.stack([np.ascontiguousarray(p[0][j][0]) for p in parts])
+        s = np.stack([np.ascontiguousarray(p[1][j][0]) for p in parts])
+        t = QuantTensor(w_q, s, None, 4, 32, "mxfp4")
+        return [TensorRecord(f"{targets[j]}.weight", t, f"{module}_blocks", "MXFP4", EXACT,
+                             note=f"{len(parts)} experts stacked (E, out, in)",
+                             reference=lambda: mxfp4_dequantize(w_q, s), experts=len(parts))]
+
+    return [([f"{t}.weight"], lambda j=j: produce(j)) for j, t in enumerate(targets)]
+
+
 # ------------------------------------------------------------------ the folder
 
 
@@ -454,11 +647,13 @@ def source_kind(qcfg: dict, mlx_quant: dict | None) -> str:
         if version != "gemm" or int(qcfg.get("bits", qcfg.get("w_bit", 4))) != 4:
             raise UnsupportedError(f"AWQ {version} {qcfg.get('bits')}-bit (supported: gemm 4-bit)")
         return "awq"
+    if method == "mxfp4":
+        return "mxfp4"
     if method == "bitnet":
         if qcfg.get("use_rms_norm") or qcfg.get("quantization_mode", "offline") != "offline":
             raise UnsupportedError("BitNet with use_rms_norm or online quantization")
         return "bitnet"
-    raise UnsupportedError(f"quantization method {method!r} (supported: gptq, awq, bitnet, "
+    raise UnsupportedError(f"quantization method {method!r} (supported: gptq, awq, bitnet, mxfp4, "
                            "MLX packages and float checkpoints)")
 
 
@@ -491,7 +686,7 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     refs, dropped = _renamed(safetensors_index(path), arch, config)
     if hasattr(arch, "hf_config"):
         config = arch.hf_config(config)
-    _check_config(path, arch, config)  # the text model's config (a wrapper's flattened)
+    _check_config(path, arch, config)  # the config the package stores (a wrapper's text model)
     try:  # rows-first shapes only: packed GPTQ / AWQ / BitNet tensors are left out
         check_config(config, {n: r.shape for n, r in refs.items() if r.dtype != "U8"
                               and not n.endswith((".qweight", ".qzeros"))})
@@ -503,10 +698,8 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
         config["bitnet"] = {"activation_bits": 8, "weight_scale": (
             "multiply" if qcfg.get("linear_class") == "autobitlinear" else "divide")}
 
-    policy = getattr(arch, "quant_policy", None)
     steps = _plan(refs, kind, qcfg if kind != "mlx" else mlx_quant, request, scale_dtype,
-                  bool(config.get("tie_word_embeddings")),
-                  policy and (lambda name, shape: policy(name, shape, config)))
+                  bool(config.get("tie_word_embeddings")), arch, config)
     tokenizer_files = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
     return CanonicalModel(
         config=config,
@@ -548,8 +741,26 @@ def _renamed(refs: dict[str, TensorRef], arch, config: dict) -> tuple[dict[str, 
 
 
 def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
-          scale_dtype: str, tied: bool, policy=None) -> list[Step]:
-    """One step per output tensor (or per quantized module), in the checkpoint's name order."""
+          scale_dtype: str, tied: bool, arch=None, config: dict | None = None) -> list[Step]:
+    """One step per output tensor (or per quantized module), in the checkpoint's name order.
+    Experts the architecture stacks (`expert_stacks`) make one step per stacked tensor; a
+    float source planned with them is checked against the model first (check_against_model)."""
+    config = config or {}
+    stacks, consumed = expert_stacks(refs, arch, config) if arch is not None else ({}, set())
+    policy = getattr(arch, "quant_policy", None) if kind == "float" else None
+
+    def want_for(module: str, name: str, shape: tuple) -> dict | None:
+        """The caller's override, else the architecture's policy (routers at 8 bits), else
+        the caller's defaults."""
+        p = None if request.override(module) is not None or request.bits == 0 else (
+            policy(name, shape, config) if policy is not None else None)
+        if p is False:
+            return {"bits": 0, "group_size": None}
+        if isinstance(p, dict):
+            return {"bits": p.get("bits", request.bits),
+                    "group_size": p.get("group_size", request.group_size)}
+        return request.get(module)
+
     owned: dict[str, str] = {}  # source tensor name -> module that consumes it
     for name in refs:
         module, _, leaf = name.rpartition(".")
@@ -557,14 +768,26 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
             owned |= {f"{module}.{x}": module for x in ("qweight", "qzeros", "scales", "g_idx")}
         elif kind == "bitnet" and leaf == "weight_scale":
             owned[f"{module}.weight"] = module
+        elif kind == "mxfp4" and name.endswith("_blocks") and f"{name[:-7]}_scales" in refs:
+            owned |= {name: name[:-7], f"{name[:-7]}_scales": name[:-7]}
         elif kind == "mlx" and leaf == "scales" and f"{module}.biases" in refs:
             owned |= {f"{module}.{x}": module for x in ("weight", "scales", "biases")}
 
     steps, done = [], set()
+    planned: dict[str, tuple] = {}
     for name, ref in refs.items():
         module, _, leaf = name.rpartition(".")
         if name.endswith("rotary_emb.inv_freq") or (tied and name.startswith("lm_head.")):
             continue
+        if name in consumed:
+            for key in (k for k in (name, *(f"{name}#{j}" for j in range(1, 8))) if k in stacks):
+                st = stacks[key]
+                want = want_for(st.name.removesuffix(".weight"), st.name, st.shape)
+                steps.append(([st.name], lambda st=st, want=want: _stack_records(
+                    st, want, scale_dtype, kind == "float" or want is not None)))
+                planned[st.name] = st.shape
+            continue
+        planned[name] = ref.shape
         if name in owned:
             module = owned[name]
             if module in done:
@@ -573,21 +796,21 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
             want = request.get(module)
             if kind == "bitnet":
                 steps.append(_bitnet_step(module, refs))
+            elif kind == "mxfp4":
+                steps.extend(_mxfp4_steps(module, refs, arch, config))
             elif kind == "mlx":
                 steps.append(_mlx_step(module, refs, qcfg, want, scale_dtype))
             else:
                 steps.append(_zero_point_step(module, refs, kind, qcfg, want, scale_dtype))
             continue
-        want = request.get(module)
+        want = want_for(module, name, ref.shape)
         quantizable = (leaf == "weight" and len(ref.shape) == 2
                        and ref.dtype in ("F32", "F16", "BF16"))
-        if quantizable and kind == "float" and want is None and policy is not None:
-            p = policy(name, ref.shape)  # the architecture's own rule for this tensor
-            quantizable = p is not False
-            want = {"bits": p.get("bits"), "group_size": p.get("group_size")} if p else None
         if quantizable and (kind == "float" or want is not None):
             steps.append(([name], lambda name=name, ref=ref, want=want: _matrix_records(
                 name, ref.load(), name, ref.dtype, want, scale_dtype)))
         else:
             steps.append(([name], lambda name=name, ref=ref: [_float_record(name, ref)]))
+    if stacks and kind == "float":
+        check_against_model(arch, config, planned)
     return steps

@@ -156,7 +156,7 @@ class _QuantLayout(NamedTuple):
     bits: int
     group_size: int
     mode: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (rows, cols), or (E, rows, cols) for stacked experts
 
 
 def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> None:

@@ -43,6 +43,19 @@ PUBLISHED = [
 
 # Shapes of the synthetic models (HF config fields).
 SYNTHETIC = {
+    # Qwen3.5-9B's text model (transformers' Qwen3_5TextConfig defaults): 24 Gated DeltaNet and
+    # 8 gated full-attention layers
+    "qwen3.5-9b": dict(model_type="qwen3_5_text", hidden_size=4096, num_hidden_layers=32,
+                       intermediate_size=12288, num_attention_heads=16, num_key_value_heads=4,
+                       head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                       linear_key_head_dim=128, linear_value_head_dim=128,
+                       vocab_size=248320, tie_word_embeddings=False),
+    # Qwen3.6-27B / Bonsai-27B shapes: 48 linear and 16 full-attention layers
+    "qwen3.6-27b": dict(model_type="qwen3_5_text", hidden_size=5120, num_hidden_layers=64,
+                        intermediate_size=17408, num_attention_heads=24, num_key_value_heads=4,
+                        head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
+                        linear_key_head_dim=128, linear_value_head_dim=128,
+                        vocab_size=248320, tie_word_embeddings=False),
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36,
                      intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=151936, tie_word_embeddings=False),
@@ -57,6 +70,12 @@ SYNTHETIC = {
                        head_dim=128, vocab_size=151936, tie_word_embeddings=True),
 }
 SYNTHETIC["bonsai-8b"] = SYNTHETIC["qwen3-8b"]  # Bonsai 8B is a 1-bit Qwen3-8B
+# Qwen3-30B-A3B: 48 layers of 128 experts, 8 per token (~17 GiB at 4 bits, ~1.7 GiB read a token)
+SYNTHETIC["qwen3-30b-a3b"] = dict(
+    model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, intermediate_size=6144,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+    tie_word_embeddings=False)
 
 
 @dataclass
@@ -86,8 +105,31 @@ def kv_bytes_per_token(model: nn.Module) -> int:
 
 
 def bytes_per_decoded_token(model: nn.Module, depth: int) -> int:
-    """Every weight once, plus the caches at this depth."""
-    return weight_bytes(model) + CacheProfile.of(model).bytes_read(depth)
+    """Every weight a token reads once (k of E experts in MoE layers), plus the caches."""
+    return active_weight_bytes(model) + CacheProfile.of(model).bytes_read(depth)
+
+
+def _top_k(model: nn.Module) -> int | None:
+    return getattr(model.args, "num_experts_per_tok", None)
+
+
+def active_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads: all of them, except that of each layer's E
+    stacked experts (edgert.models.switch) only the k routed to are read."""
+    from .models.switch import QuantizedSwitchLinear, SwitchLinear
+
+    total, k = weight_bytes(model), _top_k(model)
+    for _, m in model.named_modules():
+        if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)) and k:
+            e = m["weight"].shape[0]
+            total -= sum(v.nbytes for _, v in tree_flatten(m.parameters())) * (e - k) // e
+    return total
+
+
+def expected_experts_touched(num_experts: int, k: int, n_tokens: int) -> float:
+    """Distinct experts a prefill of n tokens reads per MoE layer, routing uniform and
+    independent: E (1 - (1 - k/E)^n)."""
+    return num_experts * (1 - (1 - k / num_experts) ** n_tokens)
 
 
 @dataclass
@@ -211,24 +253,48 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def synthetic_model(name: str, bits: int, group_size: int = 64):
-    """An 8B-class (or smaller) model built directly in quantized form from random bits.
+def _build(config: dict, layers: int | None = None):
+    """The model of a config (lazy: nothing evaluated), cut to `layers` layers if given."""
+    from .models import get_classes
+
+    if layers is not None:
+        config = dict(config, num_hidden_layers=layers)
+    model_cls, args_cls = get_classes(config["model_type"])
+    return model_cls(args_cls.from_dict(config))
+
+
+def layers_that_fit(config: dict, bits: int, group_size: int, budget: int) -> int:
+    """How many of the config's layers fit in `budget` bytes at `bits` (0 if none)."""
+    one, two = (estimate_quantized_bytes(_build(config, n), bits, group_size) for n in (1, 2))
+    per_layer = two - one
+    return max(0, min(config["num_hidden_layers"], int((budget - (one - per_layer)) // per_layer)))
+
+
+def synthetic_model(name: str, bits: int, group_size: int = 64, layers: int | None = None):
+    """A model of a known shape built directly in quantized form from random bits; `layers`
+    cuts it to its first layers (config["cut_from_layers"] then says how many it has).
 
     MLX is lazy: the float weights a fresh QuantizedLinear would hold are replaced before
     anything is evaluated, so no float copy of the weights is ever materialised."""
-    from .models import get_classes
     from .package import activation_dtype
 
     if name not in SYNTHETIC:
         raise EdgertError(f"unknown synthetic model {name!r} (known: {', '.join(SYNTHETIC)})")
     config = dict(SYNTHETIC[name], rms_norm_eps=1e-6, max_position_embeddings=40960)
-    model_cls, args_cls = get_classes(config["model_type"])
-    model = model_cls(args_cls.from_dict(config))
+    full = config["num_hidden_layers"]
+    if layers is not None:
+        if not 0 < layers <= full:
+            raise EdgertError(f"--layers {layers}: {name} has 1..{full} layers")
+        config.update(num_hidden_layers=layers, cut_from_layers=full)
+    model = _build(config)
     need = estimate_quantized_bytes(model, bits, group_size)
     avail = available_memory_bytes()
     if need > 0.8 * avail:
+        fit = layers_that_fit(config, bits, group_size, int(0.8 * avail))
+        hint = f"; --layers {fit} would fit" if fit else ""
         raise EdgertError(f"synthetic {name} at {bits}-bit needs ~{need / 2**30:.1f} GiB, "
-                          f"only {avail / 2**30:.1f} GiB available: refusing rather than swapping")
+                          f"only {avail / 2**30:.1f} GiB available: refusing rather than "
+                          f"swapping{hint}")
     nn.quantize(model, group_size, bits)
     params = []
     for k, v in tree_flatten(model.parameters()):
@@ -249,9 +315,11 @@ def synthetic_model(name: str, bits: int, group_size: int = 64):
 
 
 def estimate_quantized_bytes(model: nn.Module, bits: int, group_size: int) -> int:
+    from .models.switch import SwitchLinear
+
     total = 0
     for _, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.Embedding, SwitchLinear)):
             n = m.weight.size  # shape only: nothing is evaluated
             total += n * bits // 8 + 2 * 2 * n // group_size
     return total
@@ -275,6 +343,9 @@ class BenchReport:
     cache: CacheProfile = field(default_factory=CacheProfile)
     measured_bandwidth_gbs: float = 0.0
     bandwidth_source: str = "measured"
+    active_fraction: float = 1.0  # of the weights, what one decoded token reads (MoE: k of E)
+    experts: tuple[int, int] | None = None  # (k, E) for MoE models
+    layers: tuple[int, int] | None = None  # (run, full) for a cut synthetic model
     complete: bool = False
     stopped_by: str | None = None
 
@@ -292,9 +363,10 @@ class BenchReport:
             self.bandwidth_source = ("implied by the fastest decode run (the measured "
                                      f"{self.measured_bandwidth_gbs} GB/s was lower)")
 
-    def bytes_per_token(self, depth: int) -> int:
-        """Weights once plus what each cache kind reads at this depth."""
-        return self.size_bytes + self.cache.bytes_read(depth)
+    def bytes_per_token(self, depth: int) -> float:
+        """Weights a decoded token reads (MoE: k of E experts) plus what each cache kind
+        reads at this depth."""
+        return self.size_bytes * self.active_fraction + self.cache.bytes_read(depth)
 
     def ceiling(self, depth: int) -> float:
         """Bandwidth-bound decode tok/s on this device at this depth."""
@@ -309,6 +381,9 @@ class BenchReport:
             if t.test.startswith("tg") and self.bandwidth_gbs:
                 ceil = self.ceiling(t.depth)
                 row.update(ceiling_tok_s=round(ceil, 2), pct_of_ceiling=round(100 * t.mean / ceil, 1))
+            if t.test.startswith("pp") and self.experts:
+                k, e = self.experts
+                row["experts_touched"] = round(expected_experts_touched(e, k, int(t.test[2:])), 1)
             out.append(row)
         return out
 
@@ -325,13 +400,18 @@ class BenchReport:
         return d
 
 
-def load_for_bench(model_arg: str | None, synthetic: str | None, bits: int, group_size: int):
-    """(model, label, size in bytes) for a package / GGUF / the default, or a synthetic model."""
+def load_for_bench(model_arg: str | None, synthetic: str | None, bits: int, group_size: int,
+                   layers: int | None = None):
+    """(model, label, size in bytes) for a package / GGUF / the default, or a synthetic model
+    (cut to `layers` layers, labelled so)."""
     from pathlib import Path
 
     if synthetic:
-        model, _ = synthetic_model(synthetic, bits, group_size)
-        return model, f"synthetic {synthetic} {bits}-bit g{group_size}", weight_bytes(model)
+        model, config = synthetic_model(synthetic, bits, group_size, layers)
+        label = f"synthetic {synthetic} {bits}-bit g{group_size}"
+        if "cut_from_layers" in config:
+            label += f" (cut: {config['num_hidden_layers']} of {config['cut_from_layers']} layers)"
+        return model, label, weight_bytes(model)
     from .convert.api import ensure_package
     from .package import load_model
 
@@ -346,20 +426,25 @@ def load_for_bench(model_arg: str | None, synthetic: str | None, bits: int, grou
 def run_bench(model_arg: str | None = None, *, synthetic: str | None = None, bits: int = 4,
               group_size: int = 64, n_prompt: list[int] = (512,), n_gen: list[int] = (128,),
               reps: int = 3, depths: list[int] = (0,), warmup: bool = True,
-              on_result=None) -> BenchReport:
+              on_result=None, layers: int | None = None) -> BenchReport:
     """Run the tests; an interruption or an out-of-memory error returns what was measured so
     far with `stopped_by` set."""
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    model, label, size = load_for_bench(model_arg, synthetic, bits, group_size)
+    model, label, size = load_for_bench(model_arg, synthetic, bits, group_size, layers)
     load_s = time.perf_counter() - tic
     params = sum(_param_count(m) for _, m in model.named_modules() if _is_weight_layer(m))
     report = BenchReport(
         model=label, backend=str(mx.default_device()).split("(")[-1].split(",")[0],
         device=mx.device_info().get("device_name", "?") if hasattr(mx, "device_info") else "?",
         parameters=params, size_bytes=size, bits_per_weight=round(8 * size / max(params, 1), 3),
-        load_s=round(load_s, 3), cache=CacheProfile.of(model))
+        load_s=round(load_s, 3), cache=CacheProfile.of(model),
+        active_fraction=round(active_weight_bytes(model) / max(weight_bytes(model), 1), 6))
     report.kv_bytes_per_token = report.cache.kv_per_position
+    if (k := _top_k(model)) and (e := getattr(model.args, "num_experts", None)):
+        report.experts = (k, e)
+    if synthetic and layers is not None:
+        report.layers = (layers, SYNTHETIC[synthetic]["num_hidden_layers"])
     try:
         report.bandwidth_gbs = report.measured_bandwidth_gbs = round(measure_bandwidth(), 2)
         if warmup:
@@ -401,7 +486,10 @@ def run_bench(model_arg: str | None = None, *, synthetic: str | None = None, bit
 
 
 def _is_weight_layer(m) -> bool:
-    return isinstance(m, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding))
+    from .models.switch import QuantizedSwitchLinear, SwitchLinear
+
+    return isinstance(m, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding,
+                          SwitchLinear, QuantizedSwitchLinear))
 
 
 def _param_count(m) -> int:
@@ -435,7 +523,28 @@ def to_markdown(report: BenchReport) -> str:
     for r in report.rows():
         lines.append(f"| {r['test']} | {r['depth']} | {r['tok_s']:.2f} ± {r['std']:.2f} | "
                      f"{r.get('ceiling_tok_s', '')} | {r.get('pct_of_ceiling', '')} |")
+    lines += [f"\n{line}" for line in moe_notes(report)]
     return "\n".join(lines) + "\n"
+
+
+def moe_notes(report: BenchReport) -> list[str]:
+    """What a token reads of an MoE model, and how a cut model's figures scale."""
+    notes = []
+    if report.experts:
+        k, e = report.experts
+        notes.append(f"MoE: {k} of {e} experts per layer per token; a decoded token reads "
+                     f"{report.size_bytes * report.active_fraction / 2**20:.0f} MiB of the "
+                     f"{report.size_bytes / 2**20:.0f} MiB ({100 * report.active_fraction:.1f}%)"
+                     + "".join(f"; pp{int(r['test'][2:])} touches ~{r['experts_touched']} "
+                               f"experts per layer" for r in report.rows() if "experts_touched" in r))
+    if report.layers:
+        run, full = report.layers
+        tg = [r for r in report.rows() if r["test"].startswith("tg")]
+        scaled = "".join(f"; {r['test']} ×{run}/{full} ≈ {r['tok_s'] * run / full:.2f} tok/s"
+                         for r in tg)
+        notes.append(f"cut: {run} of {full} layers were run (memory); full-depth figures scale "
+                     f"by about {run}/{full} (embeddings and head not rescaled){scaled}")
+    return notes
 
 
 def print_report(report: BenchReport) -> None:
@@ -457,6 +566,8 @@ def print_report(report: BenchReport) -> None:
         f"{report.peak_rss_bytes / 2**20:.0f} MiB · size {report.size_bytes / 2**20:.1f} MiB · "
         f"{report.parameters / 1e6:.1f} M params · {report.bits_per_weight} bpw · "
         f"bandwidth {report.bandwidth_gbs} GB/s ({report.bandwidth_source})")
+    for line in moe_notes(report):
+        console.print(line)
     p = Table(title="projection: this package's decode ceiling on Apple chips (bandwidth ÷ bytes "
                     "per token, depth 0)")
     for col in ("chip", "GB/s", "ceiling tok/s"):

@@ -120,18 +120,69 @@ def coreml_export(f):
                              "(OUT must end in .mlpackage).")(wrapper)
 
 
+def kv_options(f):
+    f = click.option("--kv-group-size", default="64", show_default=True,
+                     type=click.Choice(["32", "64", "128"]), callback=lambda c, p, v: int(v),
+                     help="Group size of the quantized KV cache.")(f)
+    return click.option("--kv-bits", default=None, type=click.Choice(["4", "8"]),
+                        callback=lambda c, p, v: None if v is None else int(v),
+                        help="Store full-attention keys and values in 4 or 8 bits "
+                             "(sliding windows stay float).")(f)
+
+
+def recommended_options(f):
+    """Sampling options that default to the model's recommended sampling."""
+    for opt in reversed([
+        click.option("--max-tokens", "-n", default=1024, show_default=True,
+                     help="Most tokens per reply."),
+        click.option("--temp", default=None, type=float,
+                     help="Temperature; 0 is greedy (default: the model's recommended sampling "
+                          "from generation_config.json, else llama.cpp's: 0.8, top-k 40, "
+                          "top-p 0.95, min-p 0.05)."),
+        click.option("--top-p", default=None, type=float, help="Nucleus sampling mass."),
+        click.option("--top-k", default=None, type=int, help="Keep the k most likely tokens."),
+        click.option("--min-p", default=None, type=float,
+                     help="Drop tokens below min-p x the top probability."),
+        click.option("--repetition-penalty", default=None, type=float, help="e.g. 1.1."),
+        click.option("--seed", default=None, type=int, help="Random seed: same seed, same output."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def given_sampling(kw: dict) -> dict:
+    """The sampling options given on the command line (checked), without the ones left out."""
+    from .sample import check_sampling
+
+    keys = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    given = {k: kw[k] for k in keys if kw[k] is not None}
+    check_sampling(**given)
+    return given
+
+
+def with_recommended(given: dict, generation_config: dict | None) -> dict:
+    """Sampling keywords: the ones given on the command line, the model's for the rest."""
+    from .sample import recommended_sampling
+
+    if given.get("temp") == 0:  # greedy: the filters do not matter
+        return {"top_p": 0.0, "top_k": 0, "min_p": 0.0, **given}
+    return {"top_p": 0.0, "top_k": 0, "min_p": 0.0, **recommended_sampling(generation_config),
+            **given}
+
+
 @cli.command()
 @click.argument("model", required=False)
-@sampling_options
+@recommended_options
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
 def chat(model, system, max_tokens, engine, **kw):
     """Chat with a model, streaming. /reset starts over, /exit quits; Ctrl-C stops a reply."""
     from .chat import run_chat
 
-    sampling = sampling_kwargs(kw)
-    run_chat(load_with_status(model, engine), system=system, max_tokens=max_tokens,
-             sampling=sampling)
+    given = given_sampling(kw)  # checked before the model loads
+    loaded = load_with_status(model, engine)
+    run_chat(loaded, system=system, max_tokens=max_tokens,
+             sampling=with_recommended(given, getattr(loaded[1], "generation_config", None)))
 
 
 @cli.command()
@@ -142,7 +193,12 @@ def chat(model, system, max_tokens, engine, **kw):
 @click.option("--system", default=None, help="System prompt (with the chat template).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
-def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
+@click.option("--prompt-cache", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A prompt cache from `edgert cache-prompt`: its tokens, where "
+                                 "the prompt starts with them, are not computed again.")
+@kv_options
+def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cache, kv_bits,
+             kv_group_size, **kw):
     """Generate a reply to PROMPT with MODEL."""
     from .generation import stream_generate
     from .tokenizer import check_text
@@ -161,8 +217,20 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
             {"role": "user", "content": prompt}]
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
     ids = tok.encode(text, add_special_tokens=raw or not tok.has_chat_template)
+    cache, cached = None, 0
+    if prompt_cache is not None or kv_bits:
+        if engine == "coreml" or (model and Path(model).suffix == ".mlpackage"):
+            raise EdgertError("--prompt-cache and --kv-bits need the mlx engine")
+        from .convert.api import ensure_package
+        from .models.cache import make_cache, quantize_kv
+        from .prefix_cache import PrefixCache
+
+        prefix = PrefixCache(m, make=lambda: quantize_kv(make_cache(m), kv_bits, kv_group_size))
+        if prompt_cache is not None:
+            prefix.load(prompt_cache, ensure_package(model))
+        cache, cached = prefix.fetch(ids)
     pieces, tokens, last = [], [], None
-    for r in stream_generate(m, tok, ids, max_tokens, **sampling):
+    for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache, **sampling):
         pieces.append(r.text)
         if r.finish_reason is None:
             tokens.append(r.token)
@@ -172,7 +240,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
     if as_json:
         click.echo(json.dumps({
             "text": "".join(pieces), "tokens": tokens, "finish_reason": last.finish_reason,
-            "prompt_tokens": last.prompt_tokens, "generation_tokens": len(tokens),
+            "prompt_tokens": len(ids), "cached_tokens": cached, "generation_tokens": len(tokens),
             "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
             "peak_memory_gb": round(last.peak_memory_gb, 3),
         }, ensure_ascii=False))
@@ -181,6 +249,74 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, **kw):
         click.secho(f"prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s · "
                     f"generation {len(tokens)} tok @ {last.generation_tps:.1f} tok/s",
                     dim=True, err=True)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback unless you ask for another).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model-id", default=None,
+              help="The model name clients send (default: MODEL's file or folder name).")
+@click.option("--max-tokens", "-n", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate when a request does not say.")
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded at once (token by token in turn); the rest wait in line.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests allowed to wait; more are refused with 503.")
+@click.option("--prefix-cache-mb", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="Memory for cached prompt prefixes shared across requests.")
+@click.option("--prompt-cache", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A prompt cache from `edgert cache-prompt` to start the prefix "
+                                 "cache with.")
+@kv_options
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_cache_mb,
+          prompt_cache, kv_bits, kv_group_size, log_level):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health; OpenAPI at /docs)."""
+    from .server import serve as run_server
+
+    run_server(model, host, port, model_id=model_id, max_active=parallel, max_queue=max_queue,
+               prefix_cache_bytes=prefix_cache_mb << 20, default_max_tokens=max_tokens,
+               prompt_cache=prompt_cache, kv_bits=kv_bits, kv_group_size=kv_group_size,
+               log_level=log_level)
+
+
+@cli.command("cache-prompt")
+@click.argument("model", required=False)
+@click.option("--prompt", "-p", default=None, help="Text the cache holds, as given ('-' reads "
+              "standard input); generate --raw prompts that start with it reuse it.")
+@click.option("--system", default=None, help="A system prompt, rendered by the chat template: "
+              "chats (generate, serve) with this system prompt reuse it.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The cache file (.safetensors).")
+def cache_prompt(model, prompt, system, out):
+    """Compute MODEL's cache for a prompt once and save it for generate/serve --prompt-cache."""
+    from .convert.api import ensure_package
+    from .package import load_model
+    from .prompt_cache import prefill_cache, save_prompt_cache
+    from .tokenizer import load_tokenizer
+
+    if (prompt is None) == (system is None):
+        raise EdgertError("give exactly one of --prompt and --system")
+    path = ensure_package(model)
+    tok = load_tokenizer(path)
+    if system is not None:
+        if not tok.has_chat_template:
+            raise EdgertError("--system needs a model with a chat template")
+        text = tok.apply_chat_template([{"role": "system", "content": system}],
+                                       add_generation_prompt=False)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        text = sys.stdin.read() if prompt == "-" else prompt
+        if not text:
+            raise EdgertError("empty prompt: nothing to cache")
+        ids = tok.encode(text)
+    m, _ = load_model(path)
+    save_prompt_cache(out, path, ids, prefill_cache(m, ids))
+    click.echo(f"wrote {out} ({len(ids)} tokens)")
 
 
 def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:
@@ -294,14 +430,17 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("-r", "reps", default=3, show_default=True, help="Repetitions after a warm-up.")
 @click.option("-d", "depths", default="0", callback=int_list, help="KV-cache depths, e.g. 0,512.")
 @click.option("--synthetic", default=None, help="Benchmark a random model built in quantized form: "
-              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b.")
+              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b, qwen3-30b-a3b.")
 @click.option("--bits", default=4, show_default=True, help="Bits for --synthetic.")
 @click.option("--group-size", default=64, show_default=True, help="Group size for --synthetic.")
+@click.option("--layers", default=None, type=int,
+              help="Run only the first N layers of --synthetic (where memory is short; labelled).")
 @click.option("--json", "fmt", flag_value="json", help="Print JSON.")
 @click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")
 @click.option("--markdown", "fmt", flag_value="markdown", help="Print a Markdown table.")
 @click.option("--plot", "plot_dir", default=None, type=click.Path(), help="Write PNG charts here.")
-def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, fmt, plot_dir):
+def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, layers, fmt,
+          plot_dir):
     """Benchmark MODEL llama-bench style: pp/tg tok/s, memory, and the bandwidth ceiling."""
     from rich.console import Console
 
@@ -311,7 +450,7 @@ def bench(model, n_prompt, n_gen, reps, depths, synthetic, bits, group_size, fmt
         raise EdgertError("give either MODEL or --synthetic, not both")
     console = Console(stderr=True)
     report = b.run_bench(model, synthetic=synthetic, bits=bits, group_size=group_size,
-                         n_prompt=n_prompt, n_gen=n_gen, reps=reps, depths=depths,
+                         n_prompt=n_prompt, n_gen=n_gen, reps=reps, depths=depths, layers=layers,
                          on_result=lambda r: console.print(
                              f"[dim]{r.test} @ depth {r.depth}: {r.mean:.2f} tok/s[/dim]"))
     if fmt == "json":

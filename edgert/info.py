@@ -15,12 +15,17 @@ def package_info(path: Path) -> dict:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     size = sum(f.stat().st_size for f in path.glob("model*.safetensors"))
     by_type: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0.0})
-    params = 0
+    params, active = 0, 0.0
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    top_k = text.get("num_experts_per_tok")
     for name, t in meta.get("tensors", {}).items():
         n = 1
         for d in t["shape"]:
             n *= d
         params += n
+        # a token reads k of each MoE layer's E experts
+        share = top_k / t["experts"] if t.get("experts") and top_k else 1.0
+        active += n * share
         key = t["source_type"]
         if "bits" in t:
             key += f" → {t['bits']}-bit g{t['group_size']} ({t['class']})"
@@ -31,7 +36,7 @@ def package_info(path: Path) -> dict:
         entry["parameters"] += n
         entry["bytes"] += n * t["bits_per_weight"] / 8
     q = config.get("quantization") or {}
-    residency = _residency(config, meta.get("tensors", {}))
+    residency = _residency(config, meta.get("tensors", {}), top_k)
     return {
         "path": str(path),
         "architecture": config.get("model_type"),
@@ -41,6 +46,9 @@ def package_info(path: Path) -> dict:
         "vocab_size": config.get("vocab_size"),
         "context_length": config.get("max_position_embeddings"),
         "parameters": params or None,
+        "active_parameters": round(active) or None,  # per token: k of E experts (MoE)
+        "experts": (f"{top_k} of {text.get('num_experts') or text.get('num_local_experts')}"
+                    if top_k else None),
         "size_bytes": size,
         "bits_per_weight": round(8 * size / params, 3) if params else None,
         "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q},
@@ -51,10 +59,11 @@ def package_info(path: Path) -> dict:
     }
 
 
-def _residency(config: dict, tensors: dict) -> dict:
+def _residency(config: dict, tensors: dict, top_k: int | None = None) -> dict:
     """Stored vs resident parameters and the weight bytes a decode step reads: modules the
     architecture keeps in a memory-mapped file of its own (Model.package_files, e.g. Gemma 4's
-    per-layer embeddings) are stored but not resident, and a token reads one row of each."""
+    per-layer embeddings) are stored but not resident, and a token reads one row of each;
+    of a stacked MoE tensor of E experts a token reads the k (`top_k`) it is routed to."""
     from .errors import EdgertError
     from .models import get_classes
 
@@ -73,7 +82,7 @@ def _residency(config: dict, tensors: dict) -> dict:
             read += nbytes / t["shape"][0]  # one row per token
         else:
             resident += n
-            read += nbytes
+            read += nbytes * (top_k / t["experts"] if t.get("experts") and top_k else 1.0)
     return {"stored_parameters": stored or None, "resident_parameters": resident or None,
             "bytes_read_per_token": int(read) or None}
 
@@ -90,6 +99,9 @@ def print_info(s: dict, tensors: bool = False) -> None:
         head.add_row(label, str(s[key]))
     if s["parameters"]:
         head.add_row("parameters", f"{s['parameters'] / 1e6:.1f} M")
+    if s.get("experts"):
+        head.add_row("experts per token", s["experts"])
+        head.add_row("active parameters", f"{s['active_parameters'] / 1e6:.1f} M per token")
     if s.get("resident_parameters") and s["resident_parameters"] != s["stored_parameters"]:
         head.add_row("stored parameters", f"{s['stored_parameters'] / 1e6:.1f} M")
         head.add_row("resident parameters", f"{s['resident_parameters'] / 1e6:.1f} M "

@@ -85,6 +85,34 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
+def check_fits(path: Path, exclude: tuple = ()) -> None:
+    """Refuse, in one line, a package whose weights exceed the memory available (loading it
+    would swap): names its size, the memory available and what would fit. Files the model
+    maps itself (`exclude`) are not loaded, so they do not count."""
+    from .bench import available_memory_bytes
+
+    size = sum(f.stat().st_size for f in path.glob("model*.safetensors") if f.name not in exclude)
+    avail = available_memory_bytes()
+    if size > avail:
+        gib = 2**30
+        raise EdgertError(f"{path.name}: the weights take {size / gib:.1f} GiB but only "
+                          f"{avail / gib:.1f} GiB of memory is available; a model of at most "
+                          f"~{0.9 * avail / gib:.1f} GiB would fit (fewer bits, or close other "
+                          "programs)")
+
+
+def follow_renames(quantization: dict, raw: dict, weights: dict) -> dict:
+    """Per-module overrides keyed by the package's names, moved to the names the model's
+    sanitize gave their tensors (e.g. a VL wrapper's model.language_model.* -> model.*)."""
+    by_id = {id(v): k for k, v in weights.items()}
+    out = {}
+    for key, value in quantization.items():
+        scales = raw.get(f"{key}.scales") if isinstance(value, dict) else None
+        new = by_id.get(id(scales)) if scales is not None else None
+        out[new.removesuffix(".scales") if new else key] = value
+    return out
+
+
 def activation_dtype(weights: dict) -> mx.Dtype:
     """float32 on the CPU backend (its quantized matmul accumulates in the activation dtype);
     elsewhere the dtype of the float weights."""
@@ -109,18 +137,23 @@ def load_model(path: str | Path, lazy: bool = False,
     own_files = tuple(getattr(model_cls, "package_files", {}).values())
     weights = load_weights(path, exclude=own_files)  # lazy: headers only until evaluated
     check_package(path, config, weights)
+    check_fits(path, own_files)
     try:
         args = args_cls.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"{path}/config.json: {e}") from None
     model = model_cls(args)
-    weights = model.sanitize(weights)
+    raw = weights
+    weights = model.sanitize(dict(raw))
+    q = config.get("quantization")
+    q = follow_renames(q, raw, weights) if q is not None else None
+    del raw
     if mx.default_device() == mx.cpu:
         # float32 scales and biases once here, rather than a cast in every quantized matmul
         # (the activations are float32 on the CPU; exact widening, +0.125 bytes per weight)
         weights = {k: v.astype(mx.float32) if k.endswith((".scales", ".biases"))
                    and v.dtype in (mx.float16, mx.bfloat16) else v for k, v in weights.items()}
-    if (q := config.get("quantization")) is not None:
+    if q is not None:
         from .probe import widen_for_device
 
         q = widen_for_device(q, weights)  # layouts this device cannot run, widened losslessly

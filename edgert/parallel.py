@@ -9,18 +9,20 @@ Small matmuls are not split: the hand-off between streams costs more than it sav
 from __future__ import annotations
 
 import os
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-_STREAMS: list = []
+_LOCAL = threading.local()  # MLX streams belong to the thread that made them
 
 
 def cpu_streams(n: int) -> list:
-    while len(_STREAMS) < n:
-        _STREAMS.append(mx.new_stream(mx.cpu))
-    return _STREAMS[:n]
+    streams = _LOCAL.__dict__.setdefault("streams", [])
+    while len(streams) < n:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[:n]
 
 
 def split_rows(arrays: list[mx.array], n: int) -> list[list[mx.array]]:

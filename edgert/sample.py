@@ -117,3 +117,25 @@ def make_logits_processors(repetition_penalty: float | None = None,
     if repetition_penalty and repetition_penalty != 1.0:
         procs.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
     return procs
+
+
+# llama.cpp's sampling defaults (common/common.h: temp 0.8, top_k 40, top_p 0.95, min_p 0.05,
+# repeat penalty 1.0), used where a model ships no recommended sampling of its own.
+LLAMA_CPP_DEFAULTS = {"temp": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+# transformers' GenerationConfig defaults, for keys a generation_config.json leaves out.
+_HF_DEFAULTS = {"temp": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0}
+_HF_KEYS = {"temperature": "temp", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty"}
+
+
+def recommended_sampling(generation_config: dict | None) -> dict:
+    """The model's recommended sampling as make_sampler keywords (+ repetition_penalty):
+    from its generation_config.json (`do_sample: false` is greedy; keys it leaves out take
+    transformers' defaults); where it names no sampling at all, llama.cpp's defaults."""
+    gen = generation_config or {}
+    given = {ours: gen[hf] for hf, ours in _HF_KEYS.items() if gen.get(hf) is not None}
+    if gen.get("do_sample") is False:
+        return {"temp": 0.0, **{k: v for k, v in given.items() if k == "repetition_penalty"}}
+    if not given and "do_sample" not in gen:
+        return dict(LLAMA_CPP_DEFAULTS)
+    return _HF_DEFAULTS | given

@@ -145,6 +145,7 @@ class Tokenizer:
         self._special_names = {k: v for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                                if (v := _token_str(config.get(k))) is not None}
         model_config, generation_config = model_config or {}, generation_config or {}
+        self.generation_config: dict = generation_config  # the model's recommended sampling
         self.bos_token_id: int | None = (tok.token_to_id(self.bos_token) if self.bos_token
                                          else model_config.get("bos_token_id"))
         self.add_bos_token = bool(config.get("add_bos_token")) and self.bos_token_id is not None
@@ -171,6 +172,11 @@ class Tokenizer:
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` where the vocabulary has it as one special (added) token."""
+        return next((i for i, t in self._tok.get_added_tokens_decoder().items()
+                     if t.content == text and t.special), None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`. Special tokens written in the text become their ids; with

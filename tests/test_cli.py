@@ -36,7 +36,7 @@ def test_generate_json(smollm_package, tmp_path):
 
 
 def test_chat_multi_turn_from_stdin(smollm_package, tmp_path):
-    p = run("chat", str(smollm_package), "-n", "40", env_home=tmp_path,
+    p = run("chat", str(smollm_package), "-n", "40", "--temp", "0", env_home=tmp_path,
             stdin="What is the capital of France?\n/reset\nAnd of Italy?\n/exit\n")
     assert p.returncode == 0, p.stderr
     assert "Paris" in p.stdout
@@ -149,8 +149,10 @@ def _replies(stdout: str) -> list[str]:
 
 def test_chat_engine_coreml_matches_mlx(coreml_package, smollm_package, tmp_path):
     stdin = "What is the capital of France?\n/exit\n"
-    mlx = run("chat", str(smollm_package), "-n", "8", env_home=tmp_path, stdin=stdin)
-    coreml = run("chat", "--engine", "coreml", str(coreml_package), "-n", "8",
+    # greedy: chat samples with the model's recommended settings unless told otherwise
+    mlx = run("chat", str(smollm_package), "-n", "8", "--temp", "0", env_home=tmp_path,
+              stdin=stdin)
+    coreml = run("chat", "--engine", "coreml", str(coreml_package), "-n", "8", "--temp", "0",
                  env_home=tmp_path, stdin=stdin, timeout=900)
     assert mlx.returncode == 0 and coreml.returncode == 0, coreml.stderr
     assert "Paris" in mlx.stdout

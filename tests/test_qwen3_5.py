@@ -186,7 +186,7 @@ def test_vl_wrapper_leaves_the_vision_tower_out(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgert", "convert", str(tmp_path / "hf"), "-o",
                         str(tmp_path / "pkg")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    notes = [line for line in r.stdout.splitlines() if "left out" in line]
+    notes = [line for line in (r.stdout + r.stderr).splitlines() if "left out" in line]
     assert len(notes) == 1 and "model.visual" in notes[0]
     with safe_open(str(tmp_path / "pkg" / "model.safetensors"), "np") as f:
         names = list(f.keys())

@@ -29,9 +29,30 @@ def causal_mask(n_new: int, offset: int, window: int | None = None) -> mx.array:
     return mask
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
-    """Fused attention with grouped-query broadcast. q (B, H, L, D); k, v (B, H_kv, S, D)."""
+def attention(q: mx.array, k, v, scale: float, mask) -> mx.array:
+    """Fused attention with grouped-query broadcast. q (B, H, L, D); k, v (B, H_kv, S, D), or
+    (w_q, scales, biases) triples from a quantized KV cache (cache.QuantizedKVCache)."""
+    if isinstance(k, tuple):
+        return quantized_attention(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) -> mx.array:
+    """Attention over affine-quantized keys and values through mx.quantized_matmul; the
+    reference twin is dequantizing them and calling the fused attention."""
+    B, H, L, D = q.shape
+    n_kv = k[0].shape[1]
+    bits = k[0].shape[-1] * 32 // D
+    group = D // k[1].shape[-1]
+    q = (q * scale).reshape(B, n_kv, H // n_kv, L, D)  # (B, H_kv, rep, L, D)
+    k = [mx.expand_dims(a, 2) for a in k]  # (B, H_kv, 1, S, ·)
+    v = [mx.expand_dims(a, 2) for a in v]
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)
+    if mask is not None:  # boolean (L, S): True where a query may look
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    probs = mx.softmax(scores, axis=-1, precise=True)  # (B, H_kv, rep, L, S)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group, bits=bits)
+    return out.reshape(B, H, L, D)
 
 
 def embed(embedding: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -75,7 +96,9 @@ class GGUFSpec:
     "<architecture>.<key>"; raw(key) a full key). `transform(hf_name, value, config)` undoes
     the converter's value changes on a numpy float32 array or an edgert.quant.QuantTensor (the
     same function serves the float reference); it returns the value, or (value, note).
-    `validate(gguf_name, shape, config)` checks a tensor up front (before anything streams)."""
+    `validate(gguf_name, shape, config)` checks a tensor up front (before anything streams).
+    A `tensors` value may be a tuple of names: a fused tensor (e.g. ffn_gate_up_exps) whose
+    rows are those tensors' in equal blocks, in order."""
 
     architecture: str  # general.architecture, e.g. "llama", "qwen35"
     hf_class: str  # config["architectures"][0], e.g. "LlamaForCausalLM"

@@ -80,13 +80,88 @@ class KVCache:
         return (self.offset, self.keys[..., : self.offset, :], self.values[..., : self.offset, :])
 
     def restore(self, snap) -> None:
-        self.offset, self.keys, self.values = snap
+        # New array objects over the snapshot's buffers: a later in-place write (after a trim)
+        # then copies instead of changing the snapshot's arrays.
+        self.offset, keys, values = snap
+        self.keys = None if keys is None else keys[...]
+        self.values = None if values is None else values[...]
 
     @property
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+
+class QuantizedKVCache(KVCache):
+    """Full-attention keys and values stored affine-quantized (`mx.quantize`, `bits` 4 or 8,
+    groups along the head dimension); `update_and_fetch` returns (w_q, scales, biases) triples
+    that `base.attention` multiplies with `mx.quantized_matmul`. Trimmable, like KVCache."""
+
+    def __init__(self, bits: int = 8, group_size: int = 64):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        # self.keys / self.values: [w_q (B, n_kv, capacity, D*bits/32) uint32,
+        #                           scales (B, n_kv, capacity, D/group), biases (same)]
+
+    def _grow(self, n: int, keys: mx.array) -> None:
+        prev = self.offset
+        if self.keys is not None and prev + n <= self.keys[0].shape[2]:
+            return
+        B, n_kv, _, D = keys.shape
+        if D % self.group_size:
+            raise ValueError(f"KV group size {self.group_size} does not divide head dim {D}")
+        cap = ((n + self.step - 1) // self.step) * self.step
+        shapes = [(D * self.bits // 32, mx.uint32), (D // self.group_size, keys.dtype),
+                  (D // self.group_size, keys.dtype)]
+        new = [mx.zeros((B, n_kv, cap, w), dt) for w, dt in shapes]
+        if self.keys is None:
+            self.keys, self.values = new, [mx.zeros_like(a) for a in new]
+        else:
+            self.keys = [mx.concatenate([a[..., :prev, :], z], axis=2)
+                         for a, z in zip(self.keys, new)]
+            self.values = [mx.concatenate([a[..., :prev, :], mx.zeros_like(z)], axis=2)
+                           for a, z in zip(self.values, new)]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Quantize and append (B, n_kv, L, D); return the valid (w_q, scales, biases) triples."""
+        prev, L = self.offset, keys.shape[2]
+        self._grow(L, keys)
+        self.offset += L
+        for store, new in ((self.keys, keys), (self.values, values)):
+            for a, q in zip(store, mx.quantize(new, group_size=self.group_size, bits=self.bits)):
+                a[..., prev:self.offset, :] = q
+        return (tuple(a[..., :self.offset, :] for a in self.keys),
+                tuple(a[..., :self.offset, :] for a in self.values))
+
+    @property
+    def state(self):
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+    def snapshot(self) -> Any:
+        if self.keys is None:
+            return (0, None, None)
+        return (self.offset, tuple(a[..., :self.offset, :] for a in self.keys),
+                tuple(a[..., :self.offset, :] for a in self.values))
+
+    def restore(self, snap) -> None:
+        self.offset, keys, values = snap
+        self.keys = None if keys is None else [a[...] for a in keys]
+        self.values = None if values is None else [a[...] for a in values]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(a.nbytes for a in [*self.keys, *self.values])
+
+
+def quantize_kv(cache: list, bits: int | None, group_size: int = 64) -> list:
+    """The cache with every full-attention KVCache layer replaced by a QuantizedKVCache (sliding
+    windows and recurrent states stay as they are: they do not grow with the context)."""
+    if not bits:
+        return cache
+    if bits not in (4, 8):
+        raise ValueError(f"KV-cache bits must be 4 or 8, not {bits}")
+    return [QuantizedKVCache(bits, group_size) if type(c) is KVCache else c for c in cache]
 
 
 class RotatingKVCache:

@@ -69,6 +69,16 @@ def embed(embedding: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
     return embedding(ids).astype(dtype)
 
 
+def head_logits(model: nn.Module, h: mx.array, softcap: float | None = None) -> mx.array:
+    """(B, L, dim) final hidden states -> (B, L, vocab) logits: the tied embedding or
+    `model.lm_head`, then tanh soft-capping where the architecture has it."""
+    if model.args.tie_word_embeddings:
+        logits = model.model.embed_tokens.as_linear(h)
+    else:
+        logits = model.lm_head(h)
+    return mx.tanh(logits / softcap) * softcap if softcap else logits
+
+
 # ------------------------------------------------------------------ what a module declares
 #
 #   MODEL_TYPES = ("llama", "mistral")     HF model_types served; the first is the canonical one

@@ -16,7 +16,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import EdgertError, UnsupportedError
-from .base import LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed
+from .base import (LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed,
+                   head_logits)
 from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
 
@@ -215,14 +216,8 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """(B, L) token ids -> (B, L, vocab) logits."""
-        h = self.model(inputs, cache, self.activation_dtype)
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
-        if cap := self.args.final_logit_softcapping:
-            logits = mx.tanh(logits / cap) * cap
-        return logits
+        return head_logits(self, self.model(inputs, cache, self.activation_dtype),
+                           self.args.final_logit_softcapping)
 
     def make_cache(self) -> list:
         """Sliding layers keep only their window (RotatingKVCache); global layers a KVCache."""

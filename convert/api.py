@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgert.errors import EdgertError
+from edgert.hub import local_path
 from edgert.paths import cached_package_for, default_model_gguf
 
 from .canonical import CanonicalModel, TensorRecord
@@ -23,8 +24,9 @@ def read_source(src: Path, *, bits: int | None = None, group_size: int | None = 
     `bits` / `group_size` / `overrides` ask for layouts other than the source's (module path
     or fnmatch pattern -> {"bits", "group_size"}; bits 0 = float); float checkpoints default
     to 4-bit group 64. `requantize` lets GGUF types with no exact MLX layout through by
-    dequantizing and re-quantizing them (their error is reported)."""
-    src = Path(src)
+    dequantizing and re-quantizing them (their error is reported). `src` may also be a
+    Hugging Face repo id (edgert.hub)."""
+    src = Path(local_path(src))
     kw = dict(bits=bits, group_size=group_size, overrides=overrides, scale_dtype=scale_dtype)
     if src.is_dir():
         if not (src / "config.json").is_file():
@@ -70,7 +72,7 @@ def convert_file(src: Path, out: Path, *, force: bool = False, progress: bool = 
 
     `options` go to `read_source` (bits, group_size, overrides, requantize, scale_dtype).
     An existing `out` is refused unless `force`; nothing is left behind on failure."""
-    src, out = Path(src), Path(out)
+    src, out = Path(local_path(src)), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
     model = read_source(src, **options)
@@ -81,8 +83,9 @@ def convert_file(src: Path, out: Path, *, force: bool = False, progress: bool = 
 def ensure_package(model: str | Path | None = None, *, progress: bool = True) -> Path:
     """The MLX package folder for `model`: a package folder as is; a .gguf file converted once
     into edgert's cache (edgert.paths.cached_package_for) and reused; None for the default
-    model (SmolLM2-135M-Instruct)."""
-    src = default_model_gguf() if model is None else Path(model).expanduser()
+    model (SmolLM2-135M-Instruct); a Hugging Face repo id (edgert.hub) resolved into the hub
+    cache first."""
+    src = default_model_gguf() if model is None else Path(local_path(model)).expanduser()
     if src.is_dir():
         if (src / "config.json").is_file():
             return src

@@ -333,7 +333,7 @@ def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:
 
 @cli.command()
 @coreml_export
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--bits", type=click.Choice(["0", "1", "2", "3", "4", "5", "6", "8"]), default=None,
@@ -350,7 +350,8 @@ def parse_overrides(ctx, param, values: tuple[str, ...]) -> dict[str, dict]:
 @click.option("--scale-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Scales and biases of newly quantized tensors.")
 def convert(src, out, force, bits, group_size, overrides, requantize, scale_dtype):
-    """Convert a checkpoint (a GGUF file or an HF safetensors folder) into an MLX package."""
+    """Convert a checkpoint (a GGUF file, an HF safetensors folder or a Hugging Face repo id)
+    into an MLX package."""
     from .convert.api import convert_file
 
     path = convert_file(src, out, force=force, progress=True,
@@ -381,8 +382,9 @@ def info(model, as_json, tensors):
 
 @cli.command()
 @click.argument("package")
-@click.option("--reference", "-r", "source", required=True, type=click.Path(exists=True),
-              help="The checkpoint the package was converted from (GGUF or HF folder).")
+@click.option("--reference", "-r", "source", required=True,
+              help="The checkpoint the package was converted from (GGUF or HF folder, or a "
+                   "Hugging Face repo id).")
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="Prompt to compare on (repeatable; default: four built-in prompts).")
 @click.option("--min-top1", default=0.9, show_default=True,

@@ -605,10 +605,14 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080, *,
 
 
 def default_model_id(model: str | None) -> str:
-    """The name clients use for the model: the file or folder name without .gguf."""
+    """The name clients use for the model: a Hugging Face repo id as given, else the file or
+    folder name without .gguf."""
     from pathlib import Path
 
+    from .hub import display_name
     from .paths import DEFAULT_MODEL_FILE
 
+    if (repo := display_name(model)) is not None:
+        return repo
     name = Path(model).expanduser().name if model else DEFAULT_MODEL_FILE
     return name[:-5] if name.lower().endswith(".gguf") else name

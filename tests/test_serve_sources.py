@@ -1,0 +1,209 @@
+"""Where a served model comes from: a Hugging Face repo id resolved from a local hub cache laid
+out as huggingface_hub lays it out (HF_HUB_OFFLINE=1, nothing downloads), checked against the
+same files given as local paths; a Core ML package served through the Core ML engine, checked
+with the official openai client against `edgert generate` on the same package."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+QUESTION = "What is the capital of France?"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+# -------------------------------------------------------------------------------------------
+# A hub cache: models--org--name/{refs/main, blobs/<hash>, snapshots/<commit>/<file> -> blob}
+# -------------------------------------------------------------------------------------------
+
+
+def blob_name(data: bytes, lfs: bool) -> str:
+    """The Hub's blob id: sha256 for LFS files, the git blob sha1 for the others."""
+    if lfs:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_repo(cache: Path, repo: str, files: dict[str, bytes | Path]) -> Path:
+    """Lay out `repo` in the hub cache `cache` with `files` (name -> bytes or a file to copy);
+    returns its snapshot folder."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    (folder / "blobs").mkdir()
+    snapshot = folder / "snapshots" / COMMIT
+    for name, content in files.items():
+        data = content.read_bytes() if isinstance(content, Path) else content
+        lfs = name.endswith((".gguf", ".safetensors"))
+        blob = folder / "blobs" / blob_name(data, lfs)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+GGUF_REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
+FOLDER_REPO = "mlx-community/SmolLM2-135M-Instruct-edgert"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def hub(smollm_gguf, smollm_package, tmp_path_factory):
+    """An offline environment whose hub cache holds a GGUF repo (the model file, a projector
+    that must not be picked, a README) and an MLX package repo; EDGERT_HOME shared."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "hf" / "hub"
+    add_repo(cache, GGUF_REPO, {
+        GGUF_NAME: smollm_gguf,
+        "SmolLM2-135M-Instruct-mmproj-Q4_1.gguf": b"GGUF not a model",  # sorts first
+        "README.md": b"# SmolLM2 GGUF\n"})
+    add_repo(cache, FOLDER_REPO, {p.name: p for p in sorted(smollm_package.iterdir())
+                                  if p.is_file()})
+    env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_CACHE=str(cache),
+               HF_HUB_OFFLINE="1", EDGERT_HOME=str(root / "edgert"), NO_COLOR="1",
+               COLUMNS="200")
+    env.pop("HF_TOKEN", None)
+    return env, cache
+
+
+def edgert(env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgert", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def greedy(env: dict, model: str, n: int = 8) -> dict:
+    p = edgert(env, "generate", model, "-p", QUESTION, "--temp", "0", "-n", str(n), "--json")
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def one_line_error(p: subprocess.CompletedProcess, *words: str) -> str:
+    err = p.stderr.strip()
+    assert p.returncode != 0 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_the_cache_is_laid_out_as_huggingface_hub_reads_it(hub):
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    env, cache = hub
+    info = scan_cache_dir(cache)
+    assert not info.warnings
+    repos = {r.repo_id: r for r in info.repos}
+    assert set(repos) == {GGUF_REPO, FOLDER_REPO}
+    (rev,) = repos[GGUF_REPO].revisions
+    assert rev.commit_hash == COMMIT and "main" in rev.refs
+    assert GGUF_NAME in {f.file_name for f in rev.files}
+    found = try_to_load_from_cache(GGUF_REPO, GGUF_NAME, cache_dir=cache)
+    assert Path(found).read_bytes()[:4] == b"GGUF"
+
+
+def test_gguf_repo_with_a_tag_generates_as_the_local_file(hub, smollm_gguf):
+    env, cache = hub
+    want = greedy(env, str(smollm_gguf))
+    assert "Paris" in want["text"]
+    got = greedy(env, f"{GGUF_REPO}:q4_1")  # the tag is case-insensitive, as in llama.cpp
+    assert got["tokens"] == want["tokens"]
+    # converted on first use into edgert's cache, from the hub's copy (its own blob)
+    converted = sorted((Path(env["EDGERT_HOME"]) / "models").iterdir())
+    assert len(converted) == 2 and all(p.name.startswith(GGUF_NAME[:-5]) for p in converted)
+    sources = {json.loads((p / "edgert.json").read_text())["source"]["path"] for p in converted}
+    blob = (cache / f"models--{GGUF_REPO.replace('/', '--')}" / "snapshots" / COMMIT / GGUF_NAME)
+    assert sources == {str(smollm_gguf.resolve()), str(blob.resolve())}
+    assert not [p for p in (Path(env["EDGERT_HOME"]) / "models").iterdir()
+                if p.name.startswith(".")]  # nothing half-written
+
+
+def test_gguf_repo_without_a_tag_and_by_file_name(hub, smollm_gguf):
+    env, _ = hub
+    # no tag: Q4_K_M and Q8_0 are absent, so the first model file (the projector skipped)
+    p = edgert(env, "info", GGUF_REPO, "--json")
+    assert p.returncode == 0, p.stderr
+    assert 130e6 < json.loads(p.stdout)["parameters"] < 140e6
+    by_file = edgert(env, "info", f"{GGUF_REPO}/{GGUF_NAME}", "--json")
+    assert by_file.returncode == 0 and json.loads(by_file.stdout) == json.loads(p.stdout)
+
+
+def test_folder_repo_generates_as_its_local_path(hub, smollm_package):
+    env, _ = hub
+    assert greedy(env, FOLDER_REPO)["tokens"] == greedy(env, str(smollm_package))["tokens"]
+
+
+def test_ids_missing_offline_are_one_line_errors(hub, tmp_path):
+    env, _ = hub
+    one_line_error(edgert(env, "generate", "test-org/not-cached", "-p", "Hi"),
+                   "test-org/not-cached", "HF_HUB_OFFLINE")
+    err = one_line_error(edgert(env, "info", f"{GGUF_REPO}:Q2_K"), f"{GGUF_REPO}:Q2_K")
+    assert GGUF_NAME in err  # says what the repo has
+    one_line_error(edgert(env, "convert", f"{GGUF_REPO}/missing.gguf", "-o",
+                          str(tmp_path / "out")), f"{GGUF_REPO}/missing.gguf")
+    assert not (tmp_path / "out").exists()
+    # a local path keeps priority over an id of the same spelling, and a path is never an id
+    one_line_error(edgert(env, "info", str(tmp_path / "nope.gguf")), "nope.gguf")
+
+
+def test_choose_gguf_follows_llama_cpp_hf_rules():
+    """common/download.cpp's find_best_model: tag then `.` or `-`, case-insensitive; without
+    a tag Q4_K_M, then Q8_0, then the first model file; projectors and later shards never."""
+    from edgert.hub import choose_gguf, parse_repo_id
+
+    files = ["m-mmproj-Q4_K_M.gguf", "m-Q8_0.gguf", "m-Q4_K_M.gguf", "m-Q4_K_S.gguf",
+             "big/m-Q6_K-00002-of-00002.gguf", "big/m-Q6_K-00001-of-00002.gguf", "README.md"]
+    assert choose_gguf(files, None) == "m-Q4_K_M.gguf"
+    assert choose_gguf(files, "q4_k_s") == "m-Q4_K_S.gguf"
+    assert choose_gguf(files, "Q6_K") == "big/m-Q6_K-00001-of-00002.gguf"
+    assert choose_gguf(files, "Q4") is None  # "Q4" is followed by "_", not "." or "-"
+    assert choose_gguf(["m-Q5_0.gguf", "m-Q8_0.gguf"], None) == "m-Q8_0.gguf"
+    assert choose_gguf(["a-mmproj.gguf", "m-F16.gguf"], None) == "m-F16.gguf"
+    assert parse_repo_id("org/name:Q4_K_M") == ("org/name", "Q4_K_M", None)
+    assert parse_repo_id("org/name/sub/m.gguf") == ("org/name", None, "sub/m.gguf")
+    assert parse_repo_id("./org/name") is None and parse_repo_id("dir/m.gguf") is None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_takes_a_repo_id_and_serves_it_under_that_name(hub, smollm_gguf):
+    env, _ = hub
+    model = f"{GGUF_REPO}:Q4_1"
+    want = greedy(env, model, n=16)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgert", "serve", model, "--port",
+                             str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < end, "server did not start"
+                time.sleep(0.3)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == [model]
+        r = c.chat.completions.create(model=model, temperature=0, max_tokens=16,
+                                      messages=[{"role": "user", "content": QUESTION}])
+        assert r.choices[0].message.content == want["text"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

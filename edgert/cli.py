@@ -60,7 +60,9 @@ def load_with_status(model: str | None, engine: str | None = None):
     from rich.console import Console
 
     if engine is None:
-        engine = "coreml" if model and Path(model).suffix == ".mlpackage" else "mlx"
+        from .coreml_engine import is_coreml_package
+
+        engine = "coreml" if is_coreml_package(model) else "mlx"
     with Console(stderr=True).status("loading model…"):
         if engine == "coreml":
             if model is None:
@@ -219,7 +221,9 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
     ids = tok.encode(text, add_special_tokens=raw or not tok.has_chat_template)
     cache, cached = None, 0
     if prompt_cache is not None or kv_bits:
-        if engine == "coreml" or (model and Path(model).suffix == ".mlpackage"):
+        from .coreml_engine import CoreMLModel
+
+        if isinstance(m, CoreMLModel):
             raise EdgertError("--prompt-cache and --kv-bits need the mlx engine")
         from .convert.api import ensure_package
         from .models.cache import make_cache, quantize_kv

@@ -104,9 +104,10 @@ class CoreMLCache:
     cannot trim; it is snapshotted instead (each state read out and written back)."""
 
     def __init__(self, state, context: int, names: tuple[str, ...] = (),
-                 trimmable: bool = True):
+                 trimmable: bool = True, nbytes: int = 0):
         self.core_state, self.context = state, context
         self.names, self.trimmable = names, trimmable
+        self.nbytes = nbytes  # of the states (what a snapshot copies), for the prefix cache
         self.offset = 0
 
     def snapshot(self):
@@ -162,7 +163,8 @@ class CoreMLModel:
         states = self.manifest["functions"]["decode"]["states"]
         rewinds = all(s.get("kind", "kv_cache") == "kv_cache" for s in states)
         return [CoreMLCache(self.runner.make_state(), self.context,
-                            tuple(s["name"] for s in states), rewinds)]
+                            tuple(s["name"] for s in states), rewinds,
+                            sum(int(s.get("bytes", 0)) for s in states))]
 
     def __call__(self, inputs: mx.array, cache: list[CoreMLCache] | None = None) -> mx.array:
         """ids (1, L) -> logits (1, 1, vocab) float32 of the last position."""
@@ -182,6 +184,15 @@ class CoreMLModel:
             logits = self.runner.predict("decode" if n == 1 else "prefill", feeds, c.core_state)
             c.offset += n
         return mx.array(np.asarray(logits, np.float32).reshape(1, 1, -1))
+
+
+def is_coreml_package(model) -> bool:
+    """Whether `model` names a Core ML package folder (a `.mlpackage`, or a folder holding
+    edgert's Core ML manifest)."""
+    if model is None:
+        return False
+    path = Path(model).expanduser()
+    return path.suffix == ".mlpackage" or (path.is_dir() and manifest_path(path).is_file())
 
 
 def load_tokenizer_from_package(pkg: Path, manifest: dict):

@@ -109,8 +109,13 @@ class Engine:
                  prefill_step_size: int = 512, prompt_cache: str | Path | None = None,
                  kv_bits: int | None = None, kv_group_size: int = 64):
         from .convert.api import ensure_package
+        from .coreml_engine import is_coreml_package
 
-        self.path = ensure_package(model)
+        self.coreml = is_coreml_package(model)  # served through the Core ML engine
+        if self.coreml and (kv_bits or prompt_cache is not None):
+            raise EdgertError("--kv-bits and --prompt-cache need an MLX model, not a Core ML "
+                              "package")
+        self.path = Path(model).expanduser() if self.coreml else ensure_package(model)
         self.max_active, self.max_queue = max_active, max_queue
         self.prefill_step_size = prefill_step_size
         self._prefix_bytes = prefix_cache_bytes
@@ -164,8 +169,11 @@ class Engine:
             from .sample import recommended_sampling
             from .tokenizer import load_tokenizer
 
-            self.model, self.config = load_model(self.path)
-            self.tokenizer = load_tokenizer(self.path)
+            if self.coreml:
+                self._load_coreml()
+            else:
+                self.model, self.config = load_model(self.path)
+                self.tokenizer = load_tokenizer(self.path)
             self.defaults = recommended_sampling(self.tokenizer.generation_config)
             from .models.cache import make_cache, quantize_kv
 
@@ -184,6 +192,16 @@ class Engine:
                 break
             for job, steps in list(self._active):
                 self._advance(job, steps)
+
+    def _load_coreml(self) -> None:
+        """The Core ML engine's model (Core ML on macOS 15+, the MIL interpreter elsewhere)
+        and the package's tokenizer; its cache snapshots are the states, copied."""
+        from .coreml_engine import load_coreml
+
+        logging.getLogger("coremltools").setLevel(logging.ERROR)  # its Linux import warnings
+        self.model, self.tokenizer = load_coreml(self.path)
+        self.config = {"max_position_embeddings": self.model.context,
+                       "vocab_size": self.model.vocab_size}
 
     def _take(self, block: bool) -> bool:
         """Move arrived jobs into the waiting line and start waiting ones while there is room;

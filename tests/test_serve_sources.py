@@ -207,3 +207,92 @@ def test_serve_takes_a_repo_id_and_serves_it_under_that_name(hub, smollm_gguf):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# -------------------------------------------------------------------------------------------
+# A Core ML package served through the Core ML engine (the numpy MIL interpreter on Linux)
+# -------------------------------------------------------------------------------------------
+
+SYSTEM = "You are a terse assistant."
+
+
+@pytest.fixture(scope="module")
+def coreml_package(smollm_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's real weights and tokenizer cut to 2 of its 30 blocks (an
+    export of the whole model takes minutes here), context 128."""
+    import logging
+
+    from edgert.convert.coreml_writer import write_coreml
+    from edgert.convert.gguf_reader import read_gguf
+    from test_coreml import first_layers
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    out = tmp_path_factory.mktemp("coreml") / "SmolLM2-2L.mlpackage"
+    return Path(write_coreml(first_layers(read_gguf(smollm_gguf), 2), out,
+                             context=128)["path"])
+
+
+def chat(system: str, question: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def test_serve_a_core_ml_package_like_edgert_generate(coreml_package, tmp_path):
+    from server_util import running_server
+
+    n = 8
+    env = dict(os.environ, EDGERT_HOME=str(tmp_path))
+    cli = subprocess.run([sys.executable, "-m", "edgert", "generate", str(coreml_package),
+                          "-p", QUESTION, "--system", SYSTEM, "--temp", "0", "-n", str(n),
+                          "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    want = json.loads(cli.stdout)
+    assert want["generation_tokens"] > 0
+    with running_server(coreml_package, model_id="cm", max_active=2) as (url, engine):
+        from edgert.coreml_engine import CoreMLModel
+
+        assert isinstance(engine.model, CoreMLModel) and engine.context_length == 128
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+        r = c.chat.completions.create(model="cm", messages=chat(SYSTEM, QUESTION),
+                                      temperature=0, max_tokens=n)
+        assert r.choices[0].message.content == want["text"]
+        assert r.usage.prompt_tokens == want["prompt_tokens"]
+        assert r.usage.completion_tokens == want["generation_tokens"]
+        chunks = list(c.chat.completions.create(
+            model="cm", messages=chat(SYSTEM, QUESTION), temperature=0, max_tokens=n,
+            stream=True, stream_options={"include_usage": True}))
+        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == \
+            want["text"]
+        # the same prompt again: restored from a snapshot of the states, all but the last token
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == want["prompt_tokens"] - 1
+        assert engine.prefix.hits >= 1 and engine.prefix.nbytes > 0
+
+
+def test_core_ml_prefix_reuse_after_the_system_prompt(coreml_package, tmp_path):
+    """A new question after the same system prompt starts from a snapshot (restored into a
+    fresh state, rewound to the shared part) and answers as a fresh run does."""
+    from edgert.coreml_engine import load_coreml
+    from edgert.generation import stream_generate
+    from server_util import running_server
+
+    model, tok = load_coreml(coreml_package)
+    other = "Name a large river."
+    ids = tok.encode(tok.apply_chat_template(chat(SYSTEM, other), add_generation_prompt=True),
+                     add_special_tokens=False)
+    want = "".join(r.text for r in stream_generate(model, tok, ids, 8))
+    with running_server(coreml_package, model_id="cm") as (url, engine):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+        first = c.chat.completions.create(model="cm", messages=chat(SYSTEM, QUESTION),
+                                          temperature=0, max_tokens=2)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        r = c.chat.completions.create(model="cm", messages=chat(SYSTEM, other),
+                                      temperature=0, max_tokens=8)
+    asked = tok.encode(tok.apply_chat_template(chat(SYSTEM, QUESTION),
+                                               add_generation_prompt=True),
+                       add_special_tokens=False)
+    shared = next(i for i, (a, b) in enumerate(zip(asked, ids)) if a != b)
+    assert r.usage.prompt_tokens_details.cached_tokens == shared > 10
+    assert r.choices[0].message.content == want
+    p = subprocess.run([sys.executable, "-m", "edgert", "serve", str(coreml_package),
+                        "--kv-bits", "8"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, EDGERT_HOME=str(tmp_path)))
+    one_line_error(p, "--kv-bits")

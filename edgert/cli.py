@@ -128,8 +128,8 @@ def kv_options(f):
                      help="Group size of the quantized KV cache.")(f)
     return click.option("--kv-bits", default=None, type=click.Choice(["4", "8"]),
                         callback=lambda c, p, v: None if v is None else int(v),
-                        help="Store full-attention keys and values in 4 or 8 bits "
-                             "(sliding windows stay float).")(f)
+                        help="Store keys and values in 4 or 8 bits (full attention and "
+                             "sliding windows).")(f)
 
 
 def recommended_options(f):

@@ -1,5 +1,6 @@
 """KV-cache quantization (--kv-bits): attention through mx.quantized_matmul against its reference
-twin, the measured effect on SmolLM2's logits, sliding windows left float, prefix reuse."""
+twin, the measured effect on SmolLM2's logits, sliding windows quantized too (their effect on
+the real Gemma 3: tests/test_serve_sources.py), prefix reuse."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 
 from edgert.generation import generate_step
 from edgert.models.base import attention, causal_mask
-from edgert.models.cache import (KVCache, QuantizedKVCache, RotatingKVCache, make_cache,
-                                 quantize_kv)
+from edgert.models.cache import (KVCache, QuantizedKVCache, QuantizedRotatingKVCache,
+                                 make_cache, quantize_kv)
 from edgert.package import load_model
 from edgert.prefix_cache import PrefixCache
 from test_models import hf_model
@@ -60,7 +61,7 @@ def test_effect_on_smollm_logits_stays_within_the_measured_error(smollm_package)
     assert kls[4] > 10 * kls[8]
 
 
-def test_sliding_windows_stay_float_and_generation_runs(tmp_path):
+def test_sliding_windows_are_quantized_too_and_generation_runs(tmp_path):
     import transformers
 
     from test_models import CONFIGS
@@ -73,7 +74,7 @@ def test_sliding_windows_stay_float_and_generation_runs(tmp_path):
         del CONFIGS["gemma3-hd32"]
     model, _ = load_model(tmp_path)
     cache = quantize_kv(make_cache(model), 8, 32)
-    assert {type(c) for c in cache} == {QuantizedKVCache, RotatingKVCache}
+    assert {type(c) for c in cache} == {QuantizedKVCache, QuantizedRotatingKVCache}
     prompt = mx.array([5, 17, 200, 2, 9, 11, 3, 40, 41, 42, 7, 99], dtype=mx.uint32)
     got = list(generate_step(prompt, model, max_tokens=12, prompt_cache=cache))
     want = list(generate_step(prompt, model, max_tokens=12))

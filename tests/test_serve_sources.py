@@ -296,3 +296,73 @@ def test_core_ml_prefix_reuse_after_the_system_prompt(coreml_package, tmp_path):
                         "--kv-bits", "8"], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, EDGERT_HOME=str(tmp_path)))
     one_line_error(p, "--kv-bits")
+
+
+# -------------------------------------------------------------------------------------------
+# --kv-bits on sliding windows (QuantizedRotatingKVCache), where mlx-lm refuses (#1573)
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 64)])
+def test_quantized_window_holds_what_the_float_window_holds_quantized(bits, group):
+    """Fed the same steps (a prefill longer than the window, then single positions), the
+    quantized window keeps the float window's positions, each exactly mx.quantize of it, and
+    the attention it feeds equals the fused attention over their dequantization."""
+    import mlx.core as mx
+
+    from edgert.models.base import attention
+    from edgert.models.cache import QuantizedRotatingKVCache, RotatingKVCache
+
+    mx.random.seed(1)
+    window, D = 6, 64
+    ref, ours = RotatingKVCache(window), QuantizedRotatingKVCache(window, bits, group)
+    for L in (9, 1, 1, 3, 1):
+        k, v = mx.random.normal((1, 2, L, D)), mx.random.normal((1, 2, L, D))
+        mask = ref.make_mask(L)
+        assert (mask is None and ours.make_mask(L) is None) or \
+            mx.array_equal(mask, ours.make_mask(L)).item()
+        fk, fv = ref.update_and_fetch(k, v)
+        qk, qv = ours.update_and_fetch(k, v)
+        for f, q in ((fk, qk), (fv, qv)):
+            assert all(mx.array_equal(a, b).item() for a, b in
+                       zip(q, mx.quantize(f, group_size=group, bits=bits)))
+        q = mx.random.normal((1, 4, L, D))
+        deq = [mx.dequantize(*t, group_size=group, bits=bits) for t in (qk, qv)]
+        twin = mx.fast.scaled_dot_product_attention(q, *deq, scale=0.125, mask=mask)
+        assert mx.allclose(attention(q, qk, qv, 0.125, mask), twin, atol=1e-5).item()
+        assert (ours.offset, ours.start, ours.kept) == (ref.offset, ref.start, ref.kept)
+    assert ours.nbytes < ref.nbytes / 3
+
+
+def test_quantized_windows_in_the_prefix_cache_give_the_same_tokens(tmp_path):
+    """A window cannot be trimmed: the prefix cache restores a snapshot taken at the prompt's
+    end; the tokens equal a fresh quantized run's."""
+    import mlx.core as mx
+    import transformers
+
+    from edgert.generation import generate_step
+    from edgert.models.cache import make_cache, quantize_kv
+    from edgert.package import load_model
+    from edgert.prefix_cache import PrefixCache
+    from test_models import CONFIGS, hf_model
+
+    CONFIGS["gemma3-hd32"] = (transformers.Gemma3TextConfig, dict(CONFIGS["gemma3"][1],
+                                                                  head_dim=32))
+    try:
+        hf_model("gemma3-hd32", tmp_path)
+    finally:
+        del CONFIGS["gemma3-hd32"]
+    model, _ = load_model(tmp_path)
+    make = lambda: quantize_kv(make_cache(model), 8, 32)  # noqa: E731
+    prefix = PrefixCache(model, make=make)
+    prompt = [5, 17, 200, 2, 9, 11, 3, 40, 41, 42, 7, 99, 100, 101]  # past the window of 8
+    cache, _ = prefix.fetch(prompt[:12])
+    model(mx.array(prompt[:12])[None], cache=cache)
+    prefix.store(prompt[:12], cache)
+    cache, reused = prefix.fetch(prompt)
+    assert reused == 12
+    got = [t for t, _ in generate_step(mx.array(prompt[reused:]), model, max_tokens=8,
+                                       prompt_cache=cache)]
+    want = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=8,
+                                        prompt_cache=make())]
+    assert got == want

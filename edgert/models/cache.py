@@ -3,6 +3,8 @@
 - `KVCache`: full attention; keys and values pre-allocated in steps. Trimmable.
 - `RotatingKVCache`: sliding-window attention; keeps the last `window - 1` positions (plus the
   new ones during a step). Not trimmable: what fell out of the window is gone.
+- `QuantizedKVCache`, `QuantizedRotatingKVCache`: the same two with keys and values stored
+  affine-quantized (`quantize_kv`, `--kv-bits`).
 - `RecurrentCache`: a fixed-size recurrent state (Gated DeltaNet's conv and delta states).
   Not trimmable: a state summarises every token it has seen.
 
@@ -155,13 +157,15 @@ class QuantizedKVCache(KVCache):
 
 
 def quantize_kv(cache: list, bits: int | None, group_size: int = 64) -> list:
-    """The cache with every full-attention KVCache layer replaced by a QuantizedKVCache (sliding
-    windows and recurrent states stay as they are: they do not grow with the context)."""
+    """The cache with every KVCache layer replaced by a QuantizedKVCache and every sliding
+    window (RotatingKVCache) by a QuantizedRotatingKVCache; recurrent states stay float."""
     if not bits:
         return cache
     if bits not in (4, 8):
         raise ValueError(f"KV-cache bits must be 4 or 8, not {bits}")
-    return [QuantizedKVCache(bits, group_size) if type(c) is KVCache else c for c in cache]
+    return [QuantizedKVCache(bits, group_size) if type(c) is KVCache else
+            QuantizedRotatingKVCache(c.window, bits, group_size)
+            if type(c) is RotatingKVCache else c for c in cache]
 
 
 class RotatingKVCache:
@@ -194,10 +198,15 @@ class RotatingKVCache:
         self.start = self.offset - keep
         return k, v
 
+    @property
+    def kept(self) -> int:
+        """How many positions the cache holds (at most window - 1)."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
     def make_mask(self, n_new: int):
         """(n_new, kept + n_new) boolean: causal and within the window, in absolute positions;
         None where every kept key is visible to the single new query."""
-        kept = 0 if self.keys is None else self.keys.shape[2]
+        kept = self.kept
         if n_new == 1 and kept < self.window:
             return None
         q = mx.arange(self.offset, self.offset + n_new)[:, None]
@@ -220,6 +229,49 @@ class RotatingKVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class QuantizedRotatingKVCache(RotatingKVCache):
+    """A sliding window whose keys and values are stored affine-quantized (as QuantizedKVCache
+    stores them: `bits` 4 or 8, groups along the head dimension), each position quantized once
+    when it arrives. `update_and_fetch` returns (w_q, scales, biases) triples of the kept
+    positions plus the new ones, for `base.attention`'s quantized path."""
+
+    def __init__(self, window: int, bits: int = 8, group_size: int = 64):
+        super().__init__(window)
+        self.bits, self.group_size = bits, group_size
+        # self.keys / self.values: (w_q (B, n_kv, kept, D*bits/32) uint32,
+        #                           scales (B, n_kv, kept, D/group), biases (same))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Quantize and append (B, n_kv, L, D); keep the last window - 1 positions."""
+        if keys.shape[-1] % self.group_size:
+            raise ValueError(f"KV group size {self.group_size} does not divide head dim "
+                             f"{keys.shape[-1]}")
+        new = [tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+               for x in (keys, values)]
+        if self.keys is not None:
+            new = [tuple(mx.concatenate([a, b], axis=2) for a, b in zip(old, n))
+                   for old, n in zip((self.keys, self.values), new)]
+        k, v = new
+        self.offset += keys.shape[2]
+        n = k[0].shape[2]
+        keep = min(self.window - 1, n)
+        self.keys, self.values = (tuple(a[..., n - keep:, :] for a in t) for t in (k, v))
+        self.start = self.offset - keep
+        return k, v
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[2]
+
+    @property
+    def state(self):
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(a.nbytes for a in [*self.keys, *self.values])
 
 
 class RecurrentCache:

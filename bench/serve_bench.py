@@ -115,11 +115,15 @@ def main(argv=None) -> int:
                 ttft(c, model, "warm-up", "Hi", 2)
                 system = system_prompt(args.system_tokens, seed=rnd)
                 r = results[kind]
-                r.setdefault("ttft_cold_s", []).append(ttft(c, model, system, "Name a colour.", 4))
-                r.setdefault("ttft_warm_s", []).append(ttft(c, model, system, "Name a fruit.", 4))
-                for n in map(int, args.streams.split(",")):
-                    r.setdefault(f"tok_s_{n}_streams", []).append(
-                        throughput(c, model, n, args.max_tokens))
+                measured = [("ttft_cold_s", lambda: ttft(c, model, system, "Name a colour.", 4)),
+                             ("ttft_warm_s", lambda: ttft(c, model, system, "Name a fruit.", 4))]
+                measured += [(f"tok_s_{n}_streams",
+                              lambda n=n: throughput(c, model, n, args.max_tokens))
+                             for n in map(int, args.streams.split(","))]
+                for name, measure in measured:
+                    r.setdefault(name, []).append(measure())
+                    print(f"round {rnd} {kind} {name}: {r[name][-1]:.3f}", file=sys.stderr,
+                          flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

@@ -270,8 +270,8 @@ class Engine:
             processors += job.make_processors()
 
         def on_prefilled(c: list) -> None:
-            if not trimmable(c):
-                self.prefix.store(ids[:-1], c)
+            # every cache kind: a request that comes while this one decodes reuses its prompt
+            self.prefix.store(ids[:-1], c)
 
         if not trimmable(cache):  # snapshots where later prompts may diverge (a new turn)
             for point in sorted(p for p in job.checkpoints if reused < p < len(ids) - 1):

@@ -428,3 +428,23 @@ def test_quantized_windows_on_real_gemma3_stay_within_the_measured_error(gemma3_
     kl4, top4 = figures[4, "all"]
     assert 10 * kl8 < kl4 < 1.5 and top4 >= 0.3, figures
     assert kl4 > 1.5 * figures[4, "global only"][0], figures  # the windows are quantized
+
+
+def test_a_request_during_another_reuses_its_prompt(smollm_package):
+    """bench/serve_bench.py's warm TTFT: a client reads the first token of a reply and hangs up,
+    and the next request (same system prompt, another question) comes at once, while the first
+    is still decoding. Its prompt is taken from the snapshot made when the first one's prefill
+    ended, not computed again."""
+    from server_util import running_server, wait_idle
+
+    system = "You are a helpful assistant who answers in one short sentence. " * 4
+    with running_server(smollm_package, model_id="m", max_active=2) as (url, engine):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        stream = c.chat.completions.create(model="m", messages=chat(system, "Name a colour."),
+                                           temperature=0, max_tokens=48, stream=True)
+        next(x for x in stream if x.choices and x.choices[0].delta.content)
+        r = c.chat.completions.create(model="m", messages=chat(system, "Name a fruit."),
+                                      temperature=0, max_tokens=2)
+        stream.close()
+        wait_idle(url)
+    assert r.usage.prompt_tokens_details.cached_tokens > 40

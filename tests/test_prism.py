@@ -1,0 +1,312 @@
+"""PrismML's Qwen3.5 packs: MLX 1-/2-bit folders made by mlx-lm, llama.cpp's Q1_0 / Q2_0 /
+TQ2_0 / TQ1_0 GGUFs made by its own converter and llama-quantize, and mlx-lm's
+`prism_hadamard_qwen35` format (2-bit g128 with blockwise Hadamard rotations), written here
+from random transformers models. Oracles: mlx-lm (its own quantizer and loader), llama.cpp's
+ggml dequantization and the llama_cpp binding, transformers on the weights each file holds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from edgert.convert.api import convert_file
+from edgert.errors import EdgertError
+from edgert.models import prism_hadamard_qwen35 as prism
+from edgert.models import qwen3_5
+from edgert.package import load_model
+
+from test_qwen3_5 import (IDS, hf_logits, hf_qwen3_5, llama_cpp_converter,  # noqa: F401
+                          llama_cpp_gguf, llama_cpp_logits, rel_err, write_char_tokenizer)
+
+L, F = "linear_attention", "full_attention"
+
+
+def mlx_lm_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
+    """mlx-lm's own loader and model on `folder`, computing in float32 as edgert does on the
+    CPU (mlx-lm otherwise computes in the scales' dtype)."""
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    model, _ = mlx_lm_load(Path(folder))
+    model.set_dtype(mx.float32)
+    return np.array(model(mx.array(ids)))
+
+
+def edgert_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
+    return np.array(load_model(folder)[0](mx.array(ids)))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgert", *args], capture_output=True, text=True)
+
+
+# ------------------------------------------------------------------ the Hadamard format
+
+
+# hidden 512 and an MLP of 1024: Hadamard blocks of 512 and 1024; attention output and the
+# linear attention's out_proj are 256 wide (no block there, block 0: plain 2-bit g128)
+PRISM_TEXT = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4,
+                  linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=2,
+                  linear_num_value_heads=4, num_hidden_layers=3, layer_types=[L, L, F],
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                   "partial_rotary_factor": 0.5})
+FLOAT_IN_PACK = ("in_proj_a",)  # left float (not in `modules`): plain layers beside packed ones
+
+
+def hf_text_model(folder: Path, tied: bool):
+    """A random transformers qwen3_5_text model with the char tokenizer, saved to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_char_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3_5TextConfig(**PRISM_TEXT, vocab_size=vocab,
+                                         tie_word_embeddings=tied)
+    model = transformers.Qwen3_5ForCausalLM(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith(("dt_bias", "A_log")):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+def block_for(width: int) -> int:
+    """The Hadamard block the test gives a layer of this input width (0 where none fits)."""
+    return width if width in prism.BLOCKS else (512 if width % 512 == 0 else 0)
+
+
+def write_pack(hf, folder: Path, schema: int, rotate: bool = True) -> dict:
+    """`hf`'s weights as a prism_hadamard_qwen35 pack, laid out as mlx-lm reads it: each packed
+    layer's rows rotated by mlx-lm's own hadamard_rotate (signs random +-1), quantized by
+    mx.quantize to 2-bit g128 (float16 scales); norms as mlx-lm saves them (1 + w) beside its
+    (C, K, 1) conv1d; schema 2 keys under language_model.* with a vision tower. `rotate` False
+    gives every record block 0 (plain 2-bit). Returns the de-rotated dequantized weights (HF
+    names), what the pack means in float."""
+    from mlx_lm.models.prism_hadamard_qwen35 import hadamard_rotate
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_char_tokenizer(folder)
+    rng = np.random.default_rng(1)
+    out, records, meaning = {}, [], {}
+    for name, p in hf.state_dict().items():
+        w = p.detach().numpy().astype(np.float32)
+        path = name.removesuffix(".weight")
+        packed = w.ndim == 2 and not any(f in name for f in FLOAT_IN_PACK)
+        if name == "lm_head.weight" and hf.config.tie_word_embeddings:
+            continue
+        if not packed:
+            meaning[name] = w
+            if name.endswith(qwen3_5.ZERO_CENTRED_NORMS):
+                w = w + 1.0
+            if name.endswith("conv1d.weight"):
+                w = w.swapaxes(1, 2)  # HF (C, 1, K) -> mlx-lm's (C, K, 1)
+            out[name] = w
+            continue
+        block = block_for(w.shape[1]) if rotate else 0
+        signs = mx.array(rng.choice([-1.0, 1.0], w.shape[1]).astype(np.float32))
+        rotated = hadamard_rotate(mx.array(w), block, signs) if block else mx.array(w)
+        q, s, b = mx.quantize(rotated, group_size=128, bits=2)
+        s, b = s.astype(mx.float16), b.astype(mx.float16)
+        out[f"{path}.weight"], out[f"{path}.scales"], out[f"{path}.biases"] = (
+            np.array(q), np.array(s), np.array(b))
+        w_hat = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=128,
+                              bits=2)
+        if block:
+            out[f"{path}.signs"] = np.array(signs)
+            w_hat = hadamard_rotate(w_hat, block, signs, inverse=True)
+        meaning[name] = np.array(w_hat)
+        records.append({"path": path, "embedding": "embed_tokens" in path, "dtype": "float16",
+                        "block": block})
+    if schema == 2:
+        out = {f"language_model.{k}": v for k, v in out.items()}
+        out["vision_tower.patch_embed.proj.weight"] = np.zeros((8, 3, 2, 2), np.float32)
+    save_file(out, str(folder / "model.safetensors"))
+    text = {k: v for k, v in hf.config.to_dict().items() if not k.startswith("_")}
+    text.update(model_type="qwen3_5_text", full_attention_interval=3)  # mlx-lm reads the interval
+    config = {"model_type": "prism_hadamard_qwen35", "architectures": ["Qwen3_5ForCausalLM"],
+              "text_config": text, "tie_word_embeddings": hf.config.tie_word_embeddings,
+              "schema_version": schema, "tensor_namespace": prism.NAMESPACES[schema],
+              "gdn_activation_layout": "grouped", "quantization": dict(prism.QUANTIZATION),
+              "modules": records}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return meaning
+
+
+PACKS = {"schema1-untied": (1, False), "schema2-tied": (2, True)}
+
+
+@pytest.fixture(scope="module", params=list(PACKS))
+def pack(request, tmp_path_factory):
+    """(name, transformers model, pack folder, the pack's float meaning)."""
+    schema, tied = PACKS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    hf = hf_text_model(root / "hf", tied)
+    meaning = write_pack(hf, root / "pack", schema)
+    return request.param, hf, root / "pack", meaning
+
+
+def test_rotation_twin_and_mlx_lm_agree():
+    """edgert's rotation: mx.hadamard_transform (runs on MLX's CPU) and the pure-MLX butterfly
+    twin agree, both equal mlx-lm's hadamard_rotate, and the inverse undoes it."""
+    from mlx_lm.models.prism_hadamard_qwen35 import hadamard_rotate
+
+    assert prism.fused_available()
+    for block in prism.BLOCKS[1:]:
+        x = mx.random.normal((3, 2 * block), key=mx.random.key(block))
+        signs = mx.where(mx.random.bernoulli(0.5, (2 * block,), key=mx.random.key(1)), 1.0, -1.0)
+        fused = prism.rotate(x, block, signs, use_fused=True)
+        twin = prism.rotate(x, block, signs, use_fused=False)
+        theirs = hadamard_rotate(x, block, signs)
+        assert float(mx.abs(fused - twin).max()) < 1e-5, block
+        assert float(mx.abs(fused - theirs).max()) < 1e-6, block
+        back = prism.rotate(fused, block, signs, inverse=True, use_fused=False)
+        assert float(mx.abs(back - x).max()) < 1e-5, block
+        assert float(mx.abs(back - hadamard_rotate(theirs, block, signs, inverse=True)).max()) \
+            < 1e-5
+
+
+PRISM_IDS = IDS[:, :48] % 99  # the char tokenizer's vocabulary
+
+
+def test_pack_matches_mlx_lm(pack):
+    """mlx-lm's prism_hadamard_qwen35 and edgert on the same pack: same logits, same top-1."""
+    _, _, folder, _ = pack
+    ref = mlx_lm_logits(folder, PRISM_IDS)
+    out = edgert_logits(folder, PRISM_IDS)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-5
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _meaning_model(hf, meaning: dict):
+    """transformers on the pack's weights (de-rotated, dequantized). The tied pack's lookups
+    round rows to float16 (the records' activation dtype); the head does not."""
+    model = copy.deepcopy(hf)
+    model.load_state_dict({k: torch.tensor(v) for k, v in meaning.items()}, strict=False)
+    return model
+
+
+def test_pack_matches_transformers_on_its_weights(pack):
+    """edgert's logits equal transformers' on the float weights the pack stands for; and near
+    the unrotated float model's within 2-bit error, as a plain 2-bit g128 quantization of the
+    same weights is (the rotation is undone, not merely ignored)."""
+    name, hf, folder, meaning = pack
+    out = edgert_logits(folder, PRISM_IDS)
+    ref = hf_logits(_meaning_model(hf, meaning), PRISM_IDS)
+    # float16 rounding of embedding rows (mlx-lm's lookup does it; transformers does not)
+    assert rel_err(out, ref) < 2e-3
+    plain_meaning = write_pack(hf, folder.parent / "plain", PACKS[name][0], rotate=False)
+    plain = edgert_logits(folder.parent / "plain", PRISM_IDS)
+    assert rel_err(plain, hf_logits(_meaning_model(hf, plain_meaning), PRISM_IDS)) < 2e-3
+    exact = hf_logits(hf, PRISM_IDS)
+    err, plain_err = rel_err(out, exact), rel_err(plain, exact)
+    print(f"{name}: vs float model {err:.3f} (plain 2-bit g128 {plain_err:.3f}), top-1 "
+          f"{(out.argmax(-1) == exact.argmax(-1)).mean():.2f}")
+    assert err < 1.3 * plain_err
+
+
+def _damaged(pack, tmp_path: Path, change) -> Path:
+    folder = tmp_path / "bad"
+    shutil.copytree(pack[2], folder)
+    change(folder)
+    return folder
+
+
+def _edit_config(fn):
+    def change(folder: Path):
+        cfg = json.loads((folder / "config.json").read_text())
+        fn(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return change
+
+
+def _edit_weights(fn):
+    def change(folder: Path):
+        from safetensors.numpy import load_file, save_file
+
+        w = load_file(str(folder / "model.safetensors"))
+        fn(w)
+        save_file(w, str(folder / "model.safetensors"))
+    return change
+
+
+def _signs_key(w: dict) -> str:
+    return next(k for k in sorted(w) if k.endswith(".signs"))
+
+
+BAD = {
+    "missing signs": (_edit_weights(lambda w: w.pop(_signs_key(w))),
+                      "no Hadamard sign vector"),
+    "signs not +-1": (_edit_weights(lambda w: w[_signs_key(w)].__setitem__(3, 0.5)),
+                      "values other than -1 and +1"),
+    "4-bit block": (_edit_config(lambda c: c["quantization"].update(bits=4)),
+                    "quantization must be exactly"),
+    "group 64": (_edit_config(lambda c: c["quantization"].update(group_size=64)),
+                 "quantization must be exactly"),
+    "block 256": (_edit_config(lambda c: c["modules"][1].update(block=256)),
+                  "Hadamard block 256"),
+    "schema 3": (_edit_config(lambda c: c.update(schema_version=3)), "schema_version 3"),
+    "tiled layout": (_edit_config(lambda c: c.update(gdn_activation_layout="tiled")),
+                     "gdn_activation_layout"),
+    "no modules": (_edit_config(lambda c: c.update(modules=[])), "no `modules`"),
+    "unknown path": (_edit_config(lambda c: c["modules"][0].update(path="model.nope")),
+                     "'model.nope' is not a linear or embedding layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_pack_one_line_error(pack, tmp_path, case):
+    change, message = BAD[case]
+    folder = _damaged(pack, tmp_path, change)
+    with pytest.raises(EdgertError) as e:
+        load_model(folder)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_pack_cli_exit(pack, tmp_path):
+    folder = _damaged(pack, tmp_path, BAD["signs not +-1"][0])
+    r = run_cli("generate", str(folder), "-p", "Hi", "-n", "2")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "values other than -1 and +1" in lines[0]
+
+
+def test_cli_generate_matches_mlx_lm_and_info(pack, tmp_path):
+    """`edgert generate` on the pack: greedy tokens equal mlx-lm's; `edgert info` reads it;
+    a Core ML export is refused in one line, nothing written."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    from edgert.tokenizer import load_tokenizer
+
+    _, _, folder, _ = pack
+    r = run_cli("generate", str(folder), "-p", "Hello", "-n", "8", "--temp", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    tok = load_tokenizer(folder)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hello"}],
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)
+    theirs, _ = mlx_lm_load(folder)
+    theirs.set_dtype(mx.float32)
+    want = [int(t) for t, _ in generate_step(mx.array(ids), theirs, max_tokens=8)]
+    n = len(got["tokens"])
+    assert n > 0 and got["tokens"] == want[:n]
+    r = run_cli("info", str(folder), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["architecture"] == "prism_hadamard_qwen35"
+    out = tmp_path / "x.mlpackage"
+    r = run_cli("convert", str(folder), "--to", "coreml", "-o", str(out))
+    assert r.returncode != 0 and not out.exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "prism_hadamard_qwen35" in lines[0], r.stderr

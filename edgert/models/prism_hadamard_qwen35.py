@@ -75,7 +75,9 @@ class ModelArgs(qwen3_5.ModelArgs):
         if self.gdn_activation_layout != "grouped":
             raise UnsupportedError(f"{what}: gdn_activation_layout "
                                    f"{self.gdn_activation_layout!r} (only 'grouped')")
-        if self.quantization != QUANTIZATION:
+        # absent only while a converter writes the package (it adds the block from the tensors;
+        # the loader refuses quantized tensors without one)
+        if self.quantization and self.quantization != QUANTIZATION:
             raise EdgertError(f"{what}: quantization must be exactly {QUANTIZATION}, "
                               f"got {self.quantization!r}")
         if not isinstance(self.modules, list) or not self.modules:

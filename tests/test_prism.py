@@ -336,3 +336,66 @@ def test_edgert_convert_carries_the_pack(pack, tmp_path):
     ref = mlx_lm_logits(folder, PRISM_IDS)
     assert rel_err(edgert_logits(tmp_path / "pkg", PRISM_IDS), ref) < 1e-5
     assert rel_err(mlx_lm_logits(tmp_path / "pkg", PRISM_IDS), ref) < 1e-5
+
+
+# ------------------------------------------------------------------ MLX 1-/2-bit folders (mlx-lm)
+
+# the VL wrapper with full attention every 4th layer (mlx-lm reads only the interval); widths
+# of 128 and 256 so that 1-/2-bit groups of 64 and 128 both fit (out_proj's 32 columns do not
+# split into groups: mlx-lm leaves it float at g64 and g128, so do we)
+MLX_TEXT = dict(hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("mlx-low-bit") / "hf"
+    folder.mkdir()
+    vocab = write_char_tokenizer(folder)
+    hf_qwen3_5("vl-interval4", folder, vocab_size=vocab, **MLX_TEXT)
+    return folder
+
+
+def mlx_lm_quantized(hf_folder: Path, bits: int, group: int, dtype: str) -> Path:
+    """The HF folder quantized by mlx-lm's own convert (as PrismML's Bonsai MLX packs are)."""
+    from mlx_lm.convert import convert
+
+    out = hf_folder.parent / f"mlx-{bits}bit-g{group}-{dtype}"
+    if not out.exists():
+        convert(str(hf_folder), str(out), quantize=True, q_bits=bits, q_group_size=group,
+                dtype=dtype)
+    return out
+
+
+MLX_IDS = IDS[:, :40] % 99
+
+
+@pytest.mark.parametrize("bits,group,dtype", [(1, 64, "float32"), (1, 128, "float16"),
+                                              (2, 64, "bfloat16"), (2, 128, "float16")])
+def test_mlx_lm_low_bit_folder(hf_folder, bits, group, dtype):
+    """A 1-/2-bit folder written by mlx-lm (its layout: language_model.* keys, norms stored as
+    1 + w, conv1d (C, K, 1)) loads in edgert: mlx-lm's logits, top-1 identical."""
+    folder = mlx_lm_quantized(hf_folder, bits, group, dtype)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization"] == {"group_size": group, "bits": bits, "mode": "affine"}
+    ref = mlx_lm_logits(folder, MLX_IDS)
+    out = edgert_logits(folder, MLX_IDS)
+    assert rel_err(out, ref) < 1e-5
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("bits,group,dtype", [(1, 128, "float16"), (2, 64, "bfloat16")])
+def test_mlx_lm_low_bit_folder_through_edgert_convert(hf_folder, tmp_path, bits, group, dtype):
+    """`edgert convert` of mlx-lm's folder carries every packed layer over exactly (bf16 scales
+    widened to float32, the class saying so): edgert and
+    mlx-lm on the package give mlx-lm's logits on the folder."""
+    folder = mlx_lm_quantized(hf_folder, bits, group, dtype)
+    r = run_cli("convert", str(folder), "-o", str(tmp_path / "pkg"))
+    assert r.returncode == 0, r.stderr
+    records = json.loads((tmp_path / "pkg" / "edgert.json").read_text())["tensors"]
+    quantized = [v for v in records.values() if "bits" in v]
+    mapping = "widened" if dtype == "bfloat16" else "exact"  # bf16 scales -> float32, exactly
+    assert quantized and all(v["class"] == mapping and (v["bits"], v["group_size"]) ==
+                             (bits, group) for v in quantized)
+    ref = mlx_lm_logits(folder, MLX_IDS)
+    assert rel_err(edgert_logits(tmp_path / "pkg", MLX_IDS), ref) < 1e-5
+    assert rel_err(mlx_lm_logits(tmp_path / "pkg", MLX_IDS), ref) < 1e-5

@@ -399,3 +399,134 @@ def test_mlx_lm_low_bit_folder_through_edgert_convert(hf_folder, tmp_path, bits,
     ref = mlx_lm_logits(folder, MLX_IDS)
     assert rel_err(edgert_logits(tmp_path / "pkg", MLX_IDS), ref) < 1e-5
     assert rel_err(mlx_lm_logits(tmp_path / "pkg", MLX_IDS), ref) < 1e-5
+
+
+# ------------------------------------------------------------------ GGUF Q1_0 / Q2_0 / TQ2_0 / TQ1_0
+
+# every weight row a whole number of 256-weight blocks (TQ1_0 / TQ2_0; Q1_0 takes 128, Q2_0 64),
+# and value heads of 128 columns, so that out_proj's reordered heads are whole MLX groups
+GGUF_TEXT = dict(hidden_size=256, intermediate_size=256, head_dim=64, linear_key_head_dim=128,
+                 linear_value_head_dim=128, linear_num_key_heads=1, linear_num_value_heads=2)
+# design.md's table: mapping class per type
+GGUF_CLASSES = {"Q1_0": "exact", "Q2_0": "exact", "TQ2_0": "exact", "TQ1_0": "widened"}
+
+
+@pytest.fixture(scope="module")
+def low_bit_source(llama_cpp_converter, tmp_path_factory):
+    """(transformers model, its config, the f32 GGUF llama.cpp's converter made of it)."""
+    folder = tmp_path_factory.mktemp("gguf-low-bit")
+    (folder / "hf").mkdir()
+    vocab = write_char_tokenizer(folder / "hf", merge=True)
+    hf = hf_qwen3_5("text-irregular-untied", folder / "hf", vocab_size=vocab, **GGUF_TEXT)
+    config = json.loads((folder / "hf" / "config.json").read_text())
+    return hf, config, llama_cpp_gguf(llama_cpp_converter, folder / "hf", folder / "f32.gguf")
+
+
+def llama_quantize(f32: Path, kind: str) -> Path:
+    """llama-quantize --pure: every weight matrix of `kind` (no higher-precision head)."""
+    from testdata import data_file
+
+    out = f32.with_name(f"{kind}.gguf")
+    if not out.exists():
+        r = subprocess.run([str(data_file("llama.cpp/bin/llama-quantize")), "--pure", str(f32),
+                            str(out), kind], capture_output=True, text=True, env={
+                                "LD_LIBRARY_PATH": str(data_file("llama.cpp/lib/libllama.so").parent)})
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def ggml_reference(path: Path, config: dict) -> dict[str, np.ndarray]:
+    """Every tensor of the GGUF as llama.cpp's ggml (Q1_0, Q2_0) or gguf-py (TQ1_0, TQ2_0)
+    dequantizes it, under its HF name and in HF's convention (qwen3_5's transforms, checked
+    against llama.cpp's converter in test_qwen3_5)."""
+    from test_gguf_types import reference
+
+    from edgert.convert.gguf_reader import open_gguf
+
+    out = {}
+    for t in open_gguf(path).tensors:
+        shape = tuple(int(d) for d in t.shape[::-1])
+        if t.tensor_type.name in ("F32", "F16"):
+            w = np.array(t.data, np.float32).reshape(shape)
+        else:
+            w = reference(np.array(t.data), t.tensor_type, shape)
+        layer, _, rest = t.name.removeprefix("blk.").partition(".")
+        part, _, kind = rest.rpartition(".")
+        if t.name.startswith("blk."):
+            leaf = qwen3_5.GGUF_LEAVES.get(rest) or f"{qwen3_5.GGUF_TENSORS[part]}.{kind}"
+            name = f"model.layers.{layer}.{leaf}"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output.weight":
+                    "lm_head.weight", "output_norm.weight": "model.norm.weight"}[t.name]
+        out[name] = np.asarray(qwen3_5.gguf_transform(name, w, config), np.float32)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(GGUF_CLASSES))
+def low_bit_gguf(request, low_bit_source, tmp_path_factory):
+    """(kind, transformers model, GGUF path, edgert package, ggml's dequantization)."""
+    hf, config, f32 = low_bit_source
+    path = llama_quantize(f32, request.param)
+    package = convert_file(path, tmp_path_factory.mktemp(request.param) / "pkg", progress=False)
+    return request.param, hf, path, package, ggml_reference(path, config)
+
+
+def test_low_bit_gguf_tensors_map_as_design_says(low_bit_gguf):
+    """Every weight matrix llama-quantize wrote is of the asked type, and edgert's MLX form of
+    it dequantizes (mx.dequantize) to ggml's own dequantization bit for bit (a zero may differ
+    in sign only), with the mapping class of design.md's table."""
+    from test_gguf_types import assert_bit_exact
+
+    kind, _, _, package, ref = low_bit_gguf
+    records = json.loads((package / "edgert.json").read_text())["tensors"]
+    weights = mx.load(str(package / "model.safetensors"))
+    matrices = [n for n, r in records.items() if len(r["shape"]) == 2 and "conv1d" not in n]
+    assert len(matrices) == 40
+    for name in matrices:
+        r = records[name]
+        assert (r["source_type"], r["class"]) == (kind, GGUF_CLASSES[kind]), name
+        module = name.removesuffix(".weight")
+        ours = mx.dequantize(weights[f"{module}.weight"],
+                             weights[f"{module}.scales"].astype(mx.float32),
+                             weights[f"{module}.biases"].astype(mx.float32),
+                             group_size=r["group_size"], bits=r["bits"])
+        assert_bit_exact(np.array(ours), ref[name])
+
+
+def test_low_bit_gguf_logits(low_bit_gguf):
+    """edgert on the package equals transformers on ggml's dequantized weights (1e-4, top-1
+    identical); llama.cpp on the GGUF agrees within its own arithmetic (it quantizes the
+    activations to 8 bits for these dot products)."""
+    kind, hf, path, package, ref = low_bit_gguf
+    model = copy.deepcopy(hf)
+    model.load_state_dict({k: torch.tensor(v) for k, v in ref.items()}, strict=True)
+    ids = IDS[:, :60] % hf.config.vocab_size
+    want = hf_logits(model, ids)
+    out = edgert_logits(package, ids)
+    assert rel_err(out, want) < 1e-4
+    assert (out.argmax(-1) == want.argmax(-1)).all()
+    theirs = llama_cpp_logits(path, [int(i) for i in ids[0]])
+    agree = (theirs.argmax(-1) == out[0].argmax(-1)).mean()
+    print(f"{kind}: edgert vs transformers {rel_err(out, want):.1e}; llama.cpp vs edgert "
+          f"{rel_err(theirs, out[0]):.3f}, top-1 {agree:.2f}")
+    assert rel_err(theirs, out[0]) < 0.06 and agree >= 0.85  # measured 0.016-0.041, 0.90-1.0
+
+
+def test_llama_cpp_float_path_on_ternary_weights(low_bit_source, llama_cpp_converter, tmp_path):
+    """Where llama.cpp computes in float (an f32 GGUF its converter made of the TQ2_0 file's
+    dequantized weights), its top-1 equals edgert's on the TQ2_0 package at every position: the
+    differences above come from llama.cpp's 8-bit activations, not from reading the file."""
+    hf, config, f32 = low_bit_source
+    path = llama_quantize(f32, "TQ2_0")
+    package = convert_file(path, tmp_path / "pkg", progress=False)
+    model = copy.deepcopy(hf)
+    model.load_state_dict({k: torch.tensor(v) for k, v in ggml_reference(path, config).items()})
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    write_char_tokenizer(folder, merge=True)
+    dense = llama_cpp_gguf(llama_cpp_converter, folder, tmp_path / "dense.gguf")
+    ids = [int(i) for i in IDS[0, :60] % hf.config.vocab_size]
+    theirs = llama_cpp_logits(dense, ids)
+    ours = edgert_logits(package, np.array([ids]))[0]
+    assert rel_err(theirs, ours) < 1e-3  # llama.cpp's float16 KV cache
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()

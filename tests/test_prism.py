@@ -327,11 +327,19 @@ def test_cli_generate_matches_mlx_lm_and_info(pack, tmp_path):
 def test_edgert_convert_carries_the_pack(pack, tmp_path):
     """`edgert convert` of a pack copies it exactly (signs, packed layers, config): edgert and
     mlx-lm on the result give mlx-lm's logits on the original."""
-    _, _, folder, _ = pack
+    name, _, folder, _ = pack
     r = run_cli("convert", str(folder), "-o", str(tmp_path / "pkg"))
     assert r.returncode == 0, r.stderr
     config = json.loads((tmp_path / "pkg" / "config.json").read_text())
     assert config["quantization"] == prism.QUANTIZATION
+    assert config["modules"] == json.loads((folder / "config.json").read_text())["modules"]
+    names = mx.load(str(tmp_path / "pkg" / "model.safetensors"))
+    assert sum(k.endswith(".signs") for k in names) == sum(1 for m in config["modules"]
+                                                           if m["block"])
+    notes = [line for line in (r.stdout + r.stderr).splitlines() if "left out" in line]
+    if PACKS[name][0] == 2:  # the vision tower, said once
+        assert len(notes) == 1 and "vision_tower" in notes[0]
+        assert not any(k.startswith("vision_tower") for k in names)
     ref = mlx_lm_logits(folder, PRISM_IDS)
     assert rel_err(edgert_logits(tmp_path / "pkg", PRISM_IDS), ref) < 1e-5
     assert rel_err(mlx_lm_logits(tmp_path / "pkg", PRISM_IDS), ref) < 1e-5

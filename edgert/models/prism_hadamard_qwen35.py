@@ -238,3 +238,14 @@ class Model(qwen3_5.Model):
                 raise EdgertError(f"prism_hadamard_qwen35 pack: {p}.signs holds values other "
                                   "than -1 and +1")
         return weights
+
+
+# ------------------------------------------------------------------ HF reader hooks
+
+
+def hf_name(name: str, config: dict) -> str | None:
+    """A pack's tensor name, kept as is (`edgert convert` copies the pack), except a schema-2
+    pack's vision tower, which edgert does not run (dropped)."""
+    if name.startswith(("vision_tower.", "model.visual.", "visual.")):
+        return None
+    return name

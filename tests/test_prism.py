@@ -408,7 +408,7 @@ def test_mlx_lm_low_bit_folder_through_edgert_convert(hf_folder, tmp_path, bits,
     assert rel_err(mlx_lm_logits(tmp_path / "pkg", MLX_IDS), ref) < 1e-5
 
 
-# ------------------------------------------------------------------ GGUF Q1_0 / Q2_0 / TQ2_0 / TQ1_0
+# ------------------------------------------------------------------ GGUF Q1_0, Q2_0, TQ2_0, TQ1_0
 
 # every weight row a whole number of 256-weight blocks (TQ1_0 / TQ2_0; Q1_0 takes 128, Q2_0 64),
 # and value heads of 128 columns, so that out_proj's reordered heads are whole MLX groups
@@ -429,16 +429,20 @@ def low_bit_source(llama_cpp_converter, tmp_path_factory):
     return hf, config, llama_cpp_gguf(llama_cpp_converter, folder / "hf", folder / "f32.gguf")
 
 
-def llama_quantize(f32: Path, kind: str) -> Path:
-    """llama-quantize --pure: every weight matrix of `kind` (no higher-precision head)."""
+def run_llama_quantize(*args: str) -> None:
     from testdata import data_file
 
+    lib = data_file("llama.cpp/lib/libllama.so").parent
+    r = subprocess.run([str(data_file("llama.cpp/bin/llama-quantize")), *args],
+                       capture_output=True, text=True, env={"LD_LIBRARY_PATH": str(lib)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def llama_quantize(f32: Path, kind: str) -> Path:
+    """llama-quantize --pure: every weight matrix of `kind` (no higher-precision head)."""
     out = f32.with_name(f"{kind}.gguf")
     if not out.exists():
-        r = subprocess.run([str(data_file("llama.cpp/bin/llama-quantize")), "--pure", str(f32),
-                            str(out), kind], capture_output=True, text=True, env={
-                                "LD_LIBRARY_PATH": str(data_file("llama.cpp/lib/libllama.so").parent)})
-        assert r.returncode == 0, r.stderr[-2000:]
+        run_llama_quantize("--pure", str(f32), str(out), kind)
     return out
 
 
@@ -543,14 +547,9 @@ def test_default_q1_0_mix(low_bit_source, tmp_path):
     """llama-quantize's own Q1_0 mix keeps the head at Q6_K, which edgert re-quantizes to 8-bit
     g32 (its 16-weight sub-blocks have no exact MLX layout) with the error recorded: every other
     matrix exact, logits near transformers' on the file's weights (measured 5e-3, top-1 1.0)."""
-    from testdata import data_file
-
     hf, config, f32 = low_bit_source
     path = tmp_path / "Q1_0-mix.gguf"
-    r = subprocess.run([str(data_file("llama.cpp/bin/llama-quantize")), str(f32), str(path),
-                        "Q1_0"], capture_output=True, text=True, env={
-                            "LD_LIBRARY_PATH": str(data_file("llama.cpp/lib/libllama.so").parent)})
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_llama_quantize(str(f32), str(path), "Q1_0")
     package = convert_file(path, tmp_path / "pkg", progress=False)
     records = json.loads((package / "edgert.json").read_text())["tensors"]
     kinds = {(v["source_type"], v["class"]) for v in records.values() if "bits" in v}

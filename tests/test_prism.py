@@ -273,6 +273,10 @@ BAD = {
     "no modules": (_edit_config(lambda c: c.update(modules=[])), "no `modules`"),
     "unknown path": (_edit_config(lambda c: c["modules"][0].update(path="model.nope")),
                      "'model.nope' is not a linear or embedding layer"),
+    "listed twice": (_edit_config(lambda c: c["modules"].append(c["modules"][1])),
+                     "is listed twice"),
+    "wrong kind": (_edit_config(lambda c: c["modules"][1].update(embedding=True)),
+                   "embedding is True, but it is a linear layer"),
 }
 
 

@@ -320,7 +320,9 @@ def test_cli_generate_matches_mlx_lm_and_info(pack, tmp_path):
     assert n > 0 and got["tokens"] == want[:n]
     r = run_cli("info", str(folder), "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["architecture"] == "prism_hadamard_qwen35"
+    summary = json.loads(r.stdout)
+    assert summary["architecture"] == "prism_hadamard_qwen35"
+    assert (summary["layers"], summary["hidden_size"]) == (3, PRISM_TEXT["hidden_size"])
     out = tmp_path / "x.mlpackage"
     r = run_cli("convert", str(folder), "--to", "coreml", "-o", str(out))
     assert r.returncode != 0 and not out.exists()

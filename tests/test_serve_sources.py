@@ -143,6 +143,22 @@ def test_folder_repo_generates_as_its_local_path(hub, smollm_package):
     assert greedy(env, FOLDER_REPO)["tokens"] == greedy(env, str(smollm_package))["tokens"]
 
 
+def test_convert_chat_and_cache_prompt_take_repo_ids(hub, smollm_package, tmp_path):
+    env, _ = hub
+    out = tmp_path / "from-hub"
+    p = edgert(env, "convert", f"{GGUF_REPO}:Q4_1", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    tensors = lambda d: json.loads((d / "edgert.json").read_text())["tensors"]  # noqa: E731
+    assert tensors(out) == tensors(smollm_package)  # the same mapping, tensor by tensor
+    p = subprocess.run(
+        [sys.executable, "-m", "edgert", "chat", FOLDER_REPO, "-n", "24", "--temp", "0"],
+        input=f"{QUESTION}\n/exit\n", capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "Paris" in p.stdout, p.stderr
+    p = edgert(env, "cache-prompt", FOLDER_REPO, "--system", "Be brief.", "-o",
+               str(tmp_path / "sys.safetensors"))
+    assert p.returncode == 0 and (tmp_path / "sys.safetensors").is_file(), p.stderr
+
+
 def test_ids_missing_offline_are_one_line_errors(hub, tmp_path):
     env, _ = hub
     one_line_error(edgert(env, "generate", "test-org/not-cached", "-p", "Hi"),

@@ -53,6 +53,14 @@ class SpecStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def summary(r) -> str:
+    """' · speculative: A/D drafts accepted (P%)' for a GenerationResponse that drafted."""
+    if not getattr(r, "draft_tokens", 0):
+        return ""
+    return (f" · speculative: {r.accepted_tokens}/{r.draft_tokens} drafts accepted "
+            f"({100 * r.accepted_tokens / r.draft_tokens:.0f}%)")
+
+
 class Drafter(Protocol):
     def start(self, prefill_step_size: int = 512) -> "DraftSession":
         """Per-generation state (a draft model's cache)."""

@@ -104,19 +104,23 @@ def generate_step(
     if on_prefilled is not None:
         on_prefilled(cache)
 
-    y, logprobs = step(y, first=True)
-    if draft is not None and max_tokens > 0:
+    session = None
+    if draft is not None and max_tokens > 1:
         from .speculative import can_speculate, speculative_steps
 
         if can_speculate(sampler, processors):
             history = list(history or [])
-            yield from speculative_steps(
-                int(y.item()), logprobs, model, cache, history + prompt.tolist(),
-                session=draft.start(prefill_step_size), num_draft=num_draft,
-                max_tokens=max_tokens, sampler=sampler, processors=processors,
-                stats=stats if stats is not None else SpecStats(), skip=len(history),
-                forward=forward)
-            return
+            session = draft.start(prefill_step_size)
+            if hasattr(session, "prefill"):  # a draft model reads the prompt as the target does
+                session.prefill(history + prompt.tolist())
+    y, logprobs = step(y, first=True)
+    if session is not None:
+        yield from speculative_steps(
+            int(y.item()), logprobs, model, cache, history + prompt.tolist(), session=session,
+            num_draft=num_draft, max_tokens=max_tokens, sampler=sampler, processors=processors,
+            stats=stats if stats is not None else SpecStats(), skip=len(history),
+            forward=forward)
+        return
     mx.async_eval(y, logprobs)
     n = 0
     while n < max_tokens:

@@ -151,6 +151,16 @@ class _DraftModelSession:
 
             self.forward = decode_forward(self.model, self.cache)
 
+    def prefill(self, tokens: list[int]) -> None:
+        """Feed the prompt while the target prefills it (so that it counts as prompt time)."""
+        self._rewind(tokens)
+        ids = tokens[len(self.fed):]
+        for i in range(0, len(ids), self.step_size):
+            self.model(mx.array(ids[i:i + self.step_size], dtype=mx.uint32)[None],
+                       cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        self.fed += ids
+
     def _logits(self, ids: list[int]) -> mx.array:
         """Feed ids (prefill in chunks); the last position's logits (1, V)."""
         while len(ids) > 1:

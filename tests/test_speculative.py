@@ -156,18 +156,39 @@ def edgert(*args, check=True) -> subprocess.CompletedProcess:
     return run
 
 
-def test_cli_generate_with_a_draft_model_and_prompt_lookup(smollm_package, tmp_path):
-    """SmolLM2 (Q4_1 + Q8_0) as target, its 4-bit re-quantization as draft: the same text as
-    plain greedy generation; the stats line reports the acceptance."""
-    draft = convert_file(smollm_package, tmp_path / "q4", bits=4, progress=False)
-    args = ["generate", str(smollm_package), "-p", "List the days of the week.", "-n", "24",
-            "--json"]
-    plain = json.loads(edgert(*args).stdout)
-    spec = json.loads(edgert(*args, "--draft-model", str(draft), "--num-draft", "3").stdout)
-    assert spec["tokens"] == plain["tokens"]
+@pytest.fixture(scope="module")
+def smollm_q4(smollm_package, tmp_path_factory):
+    """SmolLM2 re-quantized to 4-bit g64 by edgert: the draft for the embedded Q4_1 + Q8_0."""
+    return convert_file(smollm_package, tmp_path_factory.mktemp("smollm-q4") / "q4", bits=4,
+                        progress=False)
+
+
+def plain_chat_tokens(package, text: str, n: int) -> list[int]:
+    """Plain greedy tokens for one user message, as `edgert generate` and the server prompt."""
+    from edgert.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(package)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]),
+                     add_special_tokens=False)
+    out = tokens(load_model(package)[0], ids, n)[0]
+    return out[:next((i for i, t in enumerate(out) if t in tok.eos_token_ids), len(out))]
+
+
+def test_cli_generate_with_a_draft_model_and_prompt_lookup(smollm_package, smollm_q4):
+    """SmolLM2 (Q4_1 + Q8_0) as target, its 4-bit re-quantization as draft: the tokens of
+    plain greedy generation; --json and the stats line report the acceptance."""
+    from edgert.tokenizer import load_tokenizer
+
+    text = "List the days of the week."
+    want = plain_chat_tokens(smollm_package, text, 10)
+    args = ["generate", str(smollm_package), "-p", text, "-n", "10"]
+    spec = json.loads(edgert(*args, "--json", "--draft-model", str(smollm_q4),
+                             "--num-draft", "2").stdout)
+    assert spec["tokens"] == want
     assert 0 < spec["acceptance"] < 1 and spec["draft_tokens"] > 0
-    look = edgert(*args[:-1], "--prompt-lookup", "2")
-    assert "drafts accepted" in look.stderr and look.stdout.strip() == plain["text"].strip()
+    look = edgert(*args, "--prompt-lookup", "2")
+    assert "drafts accepted" in look.stderr
+    assert look.stdout.strip() == load_tokenizer(smollm_package).decode(want).strip()
 
 
 def test_cli_bad_input_is_one_line(smollm_package, other_vocab):
@@ -184,26 +205,24 @@ def test_cli_bad_input_is_one_line(smollm_package, other_vocab):
         Engine(smollm_package, draft_model=other_vocab)
 
 
-def test_server_with_a_draft_model_answers_as_plain_generation(smollm_package, tmp_path):
+def test_server_with_a_draft_model_answers_as_plain_generation(smollm_package, smollm_q4):
     """The official openai client against `serve --draft-model`: streamed and not, the text of
     plain greedy generation; usage counts accepted and rejected drafts."""
     import openai
 
+    from edgert.tokenizer import load_tokenizer
     from server_util import running_server
 
-    draft = convert_file(smollm_package, tmp_path / "q4", bits=4, progress=False)
-    messages = [{"role": "user", "content": "Name three colours."}]
-    with running_server(smollm_package, model_id="m") as (url, _):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        want = client.chat.completions.create(model="m", messages=messages, temperature=0,
-                                              max_tokens=20).choices[0].message.content
-    with running_server(smollm_package, model_id="m", draft_model=draft,
-                        num_draft=3) as (url, _):
+    text = "Name three colours."
+    want = load_tokenizer(smollm_package).decode(plain_chat_tokens(smollm_package, text, 10))
+    messages = [{"role": "user", "content": text}]
+    with running_server(smollm_package, model_id="m", draft_model=smollm_q4,
+                        num_draft=2) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         r = client.chat.completions.create(model="m", messages=messages, temperature=0,
-                                           max_tokens=20)
+                                           max_tokens=10)
         chunks = list(client.chat.completions.create(
-            model="m", messages=messages, temperature=0, max_tokens=20, stream=True))
+            model="m", messages=messages, temperature=0, max_tokens=10, stream=True))
     assert r.choices[0].message.content == want
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     details = r.usage.completion_tokens_details

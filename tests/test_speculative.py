@@ -123,6 +123,25 @@ def test_sampling_acceptance_keeps_the_target_distribution(drafted):
     assert (np.abs(counts - want) <= 4 * np.sqrt(want) + 2).all(), (counts, want)
 
 
+def test_sampled_speculative_decoding_is_repeatable_with_a_seed(llama):
+    """Sampling with top-k / top-p through both drafters: the asked-for number of tokens, the
+    same tokens for the same seed, drafts accepted and rejected."""
+    target, draft = llama
+    seen = []
+    for drafter in (DraftModel(draft), PromptLookup(2)):
+        runs = []
+        for _ in range(2):
+            stats = SpecStats()
+            sampler = make_sampler(0.8, top_p=0.95, top_k=40, seed=7)
+            runs.append(tokens(target, PROMPT * 2, 24, sampler=sampler, draft=drafter,
+                               num_draft=3, stats=stats)[0])
+            assert len(runs[-1]) == 24
+        assert runs[0] == runs[1]
+        seen.append(stats)
+    assert all(s.drafted > 0 for s in seen) and any(s.accepted > 0 for s in seen)
+    assert any(s.accepted < s.drafted for s in seen)
+
+
 @pytest.fixture(scope="module")
 def other_vocab(smollm_package, tmp_path_factory):
     """SmolLM2's package with two token ids swapped in its vocabulary (weights linked)."""

@@ -201,11 +201,11 @@ def print_results(results: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    cols = list(results[0])
+    cols = list(dict.fromkeys(c for r in results for c in r))
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 
 if __name__ == "__main__":

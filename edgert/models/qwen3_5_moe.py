@@ -41,6 +41,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         dim = args.hidden_size
         self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = getattr(args, "norm_topk_prob", True)  # Qwen3-Next's is a setting
         self.gate = nn.Linear(dim, args.num_experts, bias=False)  # router
         self.switch_mlp = SwitchGLU(dim, args.moe_intermediate_size, args.num_experts)
         self.shared_expert = qwen3_5.MLP(dim, args.shared_expert_intermediate_size)
@@ -48,7 +49,7 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """(B, L, D) -> (B, L, D)."""
-        inds, scores = topk_softmax(self.gate(x), self.top_k, normalize=True)  # (B, L, k)
+        inds, scores = topk_softmax(self.gate(x), self.top_k, self.norm_topk_prob)  # (B, L, k)
         y = self.switch_mlp(x, inds)  # (B, L, k, D)
         routed = (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
         return routed + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

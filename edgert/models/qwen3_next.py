@@ -1,10 +1,13 @@
-"""Qwen3-Next: HF model_type "qwen3_next" (Qwen3NextForCausalLM), dense layers only.
+"""Qwen3-Next (Qwen3-Next-80B-A3B): HF model_type "qwen3_next" (Qwen3NextForCausalLM).
 
 The Qwen3.5 hybrid (edgert.models.qwen3_5) with the linear-attention projections fused:
 in_proj_qkvz holds, per key head, [q (Dk), k (Dk), v (r*Dv), z (r*Dv)] rows and in_proj_ba
-[b (r), a (r)], r = value heads per key head. Mixture-of-experts layers (the published
-checkpoints' MLPs) are not supported here: a config must put every layer in mlp_only_layers
-(or have num_experts 0).
+[b (r), a (r)], r = value heads per key head. On every `decoder_sparse_step`-th layer not in
+`mlp_only_layers`, Qwen3.5-MoE's block: a softmax top-k router (renormalised if
+`norm_topk_prob`) over routed experts plus a shared expert scaled by
+sigmoid(shared_expert_gate(x)); the other layers keep a dense MLP. Package names as
+qwen3_5_moe's (mlx-lm's): `mlp.gate`, `mlp.switch_mlp.*`, `mlp.shared_expert.*`,
+`mlp.shared_expert_gate`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import UnsupportedError
-from . import qwen3_5
-from .qwen3_5 import hf_name, quant_policy  # noqa: F401 (the same HF reader hooks)
+from . import qwen3_5, qwen3_5_moe
+from .qwen3_5 import hf_name  # noqa: F401 (the same HF reader hooks)
+from .qwen3_5_moe import quant_policy  # noqa: F401 (routers, shared gates at 8 bits)
+from .qwen3_moe import hf_fused, hf_stack  # noqa: F401 (the same expert layouts)
+from .switch import check_experts
 
 MODEL_TYPES = ("qwen3_next",)
 
@@ -24,16 +29,22 @@ MODEL_TYPES = ("qwen3_next",)
 @dataclass
 class ModelArgs(qwen3_5.ModelArgs):
     num_experts: int = 0
+    num_experts_per_tok: int = 10
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
-        moe = [i for i in range(self.num_hidden_layers) if self.num_experts > 0
-               and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0]
-        if moe:
-            raise UnsupportedError(f"qwen3_next: mixture-of-experts layers {moe} are not "
-                                   "supported (only dense layers: mlp_only_layers)")
+        if any(self.is_sparse(i) for i in range(self.num_hidden_layers)):
+            check_experts(self.num_experts, self.num_experts_per_tok)
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer` routes to experts (else it has a dense MLP)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
 
 class GatedDeltaNet(qwen3_5.GatedDeltaNet):
@@ -61,3 +72,6 @@ class DecoderLayer(qwen3_5.DecoderLayer):
 class Model(qwen3_5.Model):
     def __init__(self, args: ModelArgs):
         super().__init__(args, DecoderLayer)
+        for i, layer in enumerate(self.layers):
+            if args.is_sparse(i):
+                layer.mlp = qwen3_5_moe.SparseMoeBlock(args)

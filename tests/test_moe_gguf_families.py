@@ -1,6 +1,7 @@
 """GGUFs of the MoE families beyond qwen3moe, made by llama.cpp's own tools from random
-transformers models: `qwen35moe` (Qwen3.5's hybrid layers, routed experts, a shared expert)
-and `gpt-oss` (sinks, biases, sliding layers, yarn, MXFP4 experts). convert_hf_to_gguf.py
+transformers models: `qwen35moe` (Qwen3.5's hybrid layers, routed experts, a shared expert),
+`gpt-oss` (sinks, biases, sliding layers, yarn, MXFP4 experts) and `qwen3next` (Qwen3-Next:
+the fused linear-attention projections, which llama.cpp splits, and Qwen3.5-MoE's experts). convert_hf_to_gguf.py
 (the llama-cpp-python sdist's, with its gguf-py) writes the F32 file once per session,
 llama-quantize the Q8_0, Q4_K_M and MXFP4_MOE ones.
 
@@ -46,6 +47,9 @@ QWEN35MOE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4,
                  num_hidden_layers=3, layer_types=[L, F, L], tie_word_embeddings=False,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                   "partial_rotary_factor": 0.5})
+# Qwen3-Next: llama.cpp's qwen3next has no dense layers (every layer routes)
+QWEN3NEXT = dict(QWEN35MOE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.25})
 YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}
 GPT_OSS = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4,
@@ -55,8 +59,10 @@ GPT_OSS = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4,
 FAMILIES = {  # llama.cpp architecture: (transformers class, config class, config, model_type)
     "qwen35moe": ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig", QWEN35MOE, "qwen3_5_moe"),
     "gpt-oss": ("GptOssForCausalLM", "GptOssConfig", GPT_OSS, "gpt_oss"),
+    "qwen3next": ("Qwen3NextForCausalLM", "Qwen3NextConfig", QWEN3NEXT, "qwen3_next"),
 }
-CONVERTER_FLAGS = {"qwen35moe": ["--no-mtp"]}  # random Qwen3.5 checkpoints have no MTP layers
+# random Qwen checkpoints have no MTP layers
+CONVERTER_FLAGS = {"qwen35moe": ["--no-mtp"], "qwen3next": ["--no-mtp"]}
 QUANT_TYPES = ("Q8_0", "Q4_K_M", "MXFP4_MOE")
 EXPERT_TYPES = {"Q8_0": {"Q8_0"}, "Q4_K_M": {"Q4_K", "Q6_K"}, "MXFP4_MOE": {"MXFP4"}}
 IDS = [int(i) for i in np.random.default_rng(4).integers(0, 100, 40)]  # crosses gpt-oss' window

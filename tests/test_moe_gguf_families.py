@@ -225,3 +225,28 @@ def test_llama_cpp_peer(family, tmp_path):
         print(f"{arch} {kind}: llama.cpp vs edgert {rel_err(ours, theirs):.2e}, top-1 {same:.3f}")
         assert rel_err(ours, theirs) < 1e-2, kind
         assert same >= (0.95 if kind == "Q4_K_M" else 1.0), kind
+
+
+@pytest.mark.parametrize("family", ["qwen35moe", "gpt-oss"], indirect=True)
+@pytest.mark.parametrize("kind", ["F32", "MXFP4_MOE"])
+def test_mlx_lm_same_logits(family, tmp_path, kind):
+    """mlx-lm loads the package converted from the GGUF and gives edgert's logits. gpt-oss:
+    mlx-lm's YaRN always truncates its correction range, so both read the package with
+    `truncate: true` there. Not qwen3next: mlx-lm's qwen3_next takes in_proj_qkvz fused
+    (llama.cpp splits it, in types that may differ) and shifts the norms only when it stacks
+    the experts itself."""
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    arch, _, files = family
+    package = convert_file(files[kind], tmp_path / "pkg", progress=False)
+    config = json.loads((package / "config.json").read_text())
+    for key in ("rope_parameters", "rope_scaling"):
+        if (config.get(key) or {}).get("rope_type") == "yarn":
+            config[key]["truncate"] = True
+    (package / "config.json").write_text(json.dumps(config))
+    ours, _ = load_model(package)
+    theirs, _ = mlx_lm_load(package)
+    theirs.set_dtype(mx.float32)
+    got, want = edgert_logits(ours), edgert_logits(theirs)
+    print(f"{arch} {kind}: mlx-lm vs edgert {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4

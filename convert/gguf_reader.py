@@ -551,6 +551,8 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                                        f"{t.tensor_type.name} tensors are not supported")
             if spec.validate is not None:
                 spec.validate(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), config)
+        _check_complete(architecture(arch), config,
+                        [n for t in kept for n in hf_names(t.name, arch)])
         note = ""
         if "rope_freqs.weight" in names and "rope_parameters" in config:
             note = "rope_freqs tensor skipped: the architecture read it into rope_parameters"
@@ -604,6 +606,23 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         source["note"] = note
     count = sum(len(hf_names(t.name, arch)) for t in kept)
     return CanonicalModel(config, tensors, count, tokenizer_files, source)
+
+
+def _check_complete(module, config: dict, planned: list[str]) -> None:
+    """One line for a parameter of the model built from the metadata that no GGUF tensor
+    provides (a router, a shared expert's gate, sinks...), before anything is written. The
+    model is built lazily (nothing allocated); its sanitize sees the names as the loader will."""
+    from mlx.utils import tree_flatten
+
+    import mlx.core as mx
+
+    model = module.Model(module.ModelArgs.from_dict(config))
+    seen = model.sanitize({k: mx.zeros((1,)) for k in planned})
+    missing = sorted({k for k, _ in tree_flatten(model.parameters())} - set(seen))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EdgertError(f"no tensor for {missing[0]}{more}, which a {config['model_type']} "
+                          "model of this metadata needs")
 
 
 def _file_type(value: int | None) -> str | int | None:

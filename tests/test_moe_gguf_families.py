@@ -250,3 +250,69 @@ def test_mlx_lm_same_logits(family, tmp_path, kind):
     got, want = edgert_logits(ours), edgert_logits(theirs)
     print(f"{arch} {kind}: mlx-lm vs edgert {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen35moe", "qwen3next"], indirect=True)
+def test_fused_gate_up_exps(family, llama_cpp_converter, tmp_path):
+    """The converter's --fuse-gate-up-exps (one ffn_gate_up_exps (E, 2I, H), gate rows first),
+    as F32 and quantized by llama-quantize, converts to the unfused file's package bit for bit."""
+    arch, _, files = family
+    hf_folder = files["F32"].parent / "hf"
+    fused = {"F32": llama_cpp_gguf(llama_cpp_converter, hf_folder, tmp_path / "fused.gguf",
+                                   *CONVERTER_FLAGS.get(arch, []), "--fuse-gate-up-exps")}
+    fused["Q8_0"] = quantize(fused["F32"], tmp_path / "fused-Q8_0.gguf", "Q8_0")
+    names = {t.name for t in gguf.GGUFReader(fused["F32"]).tensors}
+    assert "blk.0.ffn_gate_up_exps.weight" in names and "blk.0.ffn_up_exps.weight" not in names
+    for kind, path in fused.items():
+        a = mx.load(str(convert_file(path, tmp_path / f"{kind}-fused", progress=False)
+                        / "model.safetensors"))
+        b = mx.load(str(convert_file(files[kind], tmp_path / kind, progress=False)
+                        / "model.safetensors"))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert np.array_equal(np.array(a[k]), np.array(b[k])), (kind, k)
+
+
+def without(src: Path, dst: Path, drop: str) -> Path:
+    """An F32 GGUF without tensor `drop` (rewritten by gguf-py)."""
+    def tensors(r):
+        for t in r.tensors:
+            if t.name != drop:
+                yield t.name, np.asarray(t.data, np.float32).reshape(
+                    [int(d) for d in reversed(t.shape.tolist())])
+
+    rewrite(src, dst, tensors)
+    return dst
+
+
+MISSING = {  # per family: (a tensor to drop, a metadata key to remove)
+    "qwen35moe": ("blk.0.ffn_gate_inp_shexp.weight", "expert_shared_feed_forward_length"),
+    "gpt-oss": ("blk.1.attn_sinks.weight", "attention.sliding_window"),
+    "qwen3next": ("blk.2.ffn_gate_inp.weight", "expert_used_count"),
+}
+
+
+def test_missing_tensor_or_metadata(family, llama_cpp_converter, tmp_path):
+    """A GGUF without a tensor the model needs (a shared-expert gate, sinks, a router) or
+    without an expert / window key: a one-line error naming it, nothing written."""
+    from test_cli import assert_one_line_error, run
+
+    arch, _, files = family
+    tensor, key = MISSING[arch]
+    bad = {"tensor": without(files["F32"], tmp_path / "no-tensor.gguf", tensor),
+           "key": tmp_path / "no-key.gguf"}
+    script = llama_cpp_converter / "gguf-py/gguf/scripts/gguf_new_metadata.py"
+    r = subprocess.run([sys.executable, str(script), str(files["F32"]), str(bad["key"]),
+                        "--force", "--remove-metadata", f"{arch}.{key}"], capture_output=True,
+                       text=True, env={**os.environ,
+                                       "PYTHONPATH": str(llama_cpp_converter / "gguf-py")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    layer = tensor.split(".")[1]
+    words = {"tensor": [f"model.layers.{layer}.", "no tensor for"], "key": [f"{arch}.{key}"]}
+    for what, path in bad.items():
+        with pytest.raises(EdgertError) as e:
+            convert_file(path, tmp_path / f"{what}-pkg", progress=False)
+        assert all(w in str(e.value) for w in words[what]) and "\n" not in str(e.value)
+        assert not (tmp_path / f"{what}-pkg").exists()
+    assert_one_line_error(run("convert", str(bad["tensor"]), "-o", str(tmp_path / "cli"),
+                              env_home=tmp_path), *words["tensor"])

@@ -1,14 +1,15 @@
 """GGUFs of the MoE families beyond qwen3moe, made by llama.cpp's own tools from random
 transformers models: `qwen35moe` (Qwen3.5's hybrid layers, routed experts, a shared expert),
-`gpt-oss` (sinks, biases, sliding layers, yarn, MXFP4 experts) and `qwen3next` (Qwen3-Next:
-the fused linear-attention projections, which llama.cpp splits, and Qwen3.5-MoE's experts). convert_hf_to_gguf.py
-(the llama-cpp-python sdist's, with its gguf-py) writes the F32 file once per session,
-llama-quantize the Q8_0, Q4_K_M and MXFP4_MOE ones.
+`gpt-oss` (sinks, biases, sliding layers, yarn, MXFP4 experts) and `qwen3next` (Qwen3-Next's
+fused linear-attention projections, which llama.cpp splits, and Qwen3.5-MoE's experts).
+convert_hf_to_gguf.py (the llama-cpp-python sdist's, with its gguf-py) writes the F32 file
+once per module, llama-quantize the Q8_0, Q4_K_M and MXFP4_MOE ones.
 
 Oracles: transformers on the F32 file's weights (1e-4, top-1 identical); gguf-py's
 dequantization of every tensor of the quantized files (exact types bit for bit, the
 architecture's transform applied); llama.cpp through the llama_cpp binding on its float path
-(its own dequantization of the quantized file), top-1 identical; mlx-lm on the package."""
+(its own dequantization of the quantized file), top-1 identical; mlx-lm on the package
+(qwen35moe, gpt-oss)."""
 
 from __future__ import annotations
 

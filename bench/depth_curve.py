@@ -43,7 +43,7 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     reports = {}
     for name in (args.model, args.dense):
-        reports[name] = bench.run_bench(synthetic=name, bits=args.bits, n_prompt=[16],
+        reports[name] = bench.run_bench(synthetic=name, bits=args.bits, n_prompt=[],  # decode only
                                         n_gen=[args.n_gen], reps=args.reps, depths=depths)
     print(f"| model | {' | '.join(f'tg{args.n_gen} @ d{d}' for d in depths)} | "
           f"d{depths[-1]} / d{depths[0]} |")

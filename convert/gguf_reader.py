@@ -324,8 +324,6 @@ def hf_names(gguf_name: str, model_type: str = "llama") -> list[str] | None:
         return [f"model.layers.{layer}.{spec.leaves[leaf]}"]
     if m := _BLOCK.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        if part in spec.parameters and kind == "weight":
-            return [f"model.layers.{layer}.{spec.parameters[part]}"]
         target = spec.tensors.get(part)
         if target is None:
             return None

@@ -686,7 +686,8 @@ def read_hf_folder(path: Path, *, bits: int | None = None, group_size: int | Non
     refs, dropped = _renamed(safetensors_index(path), arch, config)
     if hasattr(arch, "hf_config"):
         config = arch.hf_config(config)
-    _check_config(path, arch, config)  # the config the package stores (a wrapper's text model)
+    # the config the package stores (a wrapper's text model), with its quantization block
+    _check_config(path, arch, {**config, "quantization": mlx_quant} if mlx_quant else config)
     try:  # rows-first shapes only: packed GPTQ / AWQ / BitNet tensors are left out
         check_config(config, {n: r.shape for n, r in refs.items() if r.dtype != "U8"
                               and not n.endswith((".qweight", ".qzeros"))})

@@ -87,6 +87,11 @@ def _arrays(record: TensorRecord) -> dict[str, np.ndarray]:
     return arrays
 
 
+# A vision-language wrapper's text model: the package keeps HF's names (the first); mlx-lm's
+# VL models name their modules the second way, and look overrides up by their module paths.
+VL_TEXT = ("model.language_model.", "language_model.model.")
+
+
 def quantization_config(quantized: dict[str, QuantTensor]) -> dict | None:
     """config.json's "quantization": the (bits, group, mode) with most parameters as the
     default, plus an override for each module path that differs from it."""
@@ -99,7 +104,10 @@ def quantization_config(quantized: dict[str, QuantTensor]) -> dict | None:
     out: dict = {"group_size": group, "bits": bits, "mode": mode}
     for module, q in quantized.items():
         if (q.bits, q.group_size, q.mode) != (bits, group, mode):
-            out[module] = {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
+            override = {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}
+            out[module] = override
+            if module.startswith(VL_TEXT[0]):  # the same override under mlx-lm's module path
+                out[VL_TEXT[1] + module.removeprefix(VL_TEXT[0])] = override
     return out
 
 

@@ -469,7 +469,8 @@ def run_bench(model_arg: str | None = None, *, synthetic: str | None = None, bit
             run_pp(model, 16, 0)
             run_tg(model, 2, 0)
         t0 = time.perf_counter()
-        g = generate_step(mx.random.randint(0, model.args.vocab_size, (n_prompt[0],)).astype(
+        g = generate_step(mx.random.randint(0, model.args.vocab_size, (  # no pp tests: 16
+            n_prompt[0] if n_prompt else 16,)).astype(
             mx.uint32), model, max_tokens=1)
         next(g)
         report.ttft_s = round(time.perf_counter() - t0, 4)

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from .generation import stream_generate
 from .models.cache import make_cache, restore, snapshot, trimmable
+from .reasoning import ReasoningParser, opens_reasoning, reasoning_format, split_reasoning
 from .signals import stop_requested
 
 HELP = "/reset starts a new conversation, /exit quits; Ctrl-C stops a reply."
@@ -36,6 +37,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, system: str | None = None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.reasoning = reasoning_format(tokenizer.chat_template)  # "harmony", "think", None
+        self.opens_reasoning = False  # whether the last prompt left the reply inside reasoning
         self.reset()
 
     def reset(self):
@@ -85,6 +88,7 @@ class ChatSession:
         """Yield GenerationResponses; the (possibly interrupted) reply joins the history."""
         self.messages.append({"role": "user", "content": user})
         ids = self.prompt_ids()
+        self.opens_reasoning = opens_reasoning(self.tokenizer.decode(ids[-4:]), self.reasoning)
         keep = self._rewind(ids)
         self.fed = len(ids) - keep
         fed = list(ids)
@@ -99,7 +103,10 @@ class ChatSession:
                 text.append(r.text)
                 yield r
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(text)})
+            # the visible reply joins the history (templates drop earlier turns' reasoning,
+            # and gpt-oss's refuses harmony tags in content)
+            _, content, _ = split_reasoning("".join(text), self.reasoning, self.opens_reasoning)
+            self.messages.append({"role": "assistant", "content": content})
             offset = max(c.offset for c in self.cache)
             self.cached = fed[:offset]
             if trimmable(self.cache):  # anything beyond what we can name is dropped
@@ -134,11 +141,15 @@ def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> Non
             session.reset()
             console.print("[dim]conversation reset[/dim]")
             continue
-        last = None
+        last, parser, shown = None, None, [None]
         try:
             for r in session.reply(user, max_tokens, sampling):
-                console.print(r.text, end="", markup=False, soft_wrap=True)
+                if parser is None:  # the prompt is rendered by now
+                    parser = ReasoningParser(session.reasoning, session.opens_reasoning)
+                show(console, parser.feed(r.text), shown)
                 last = r
+            if parser is not None:
+                show(console, parser.finish(), shown)
         except KeyboardInterrupt as e:
             if stop_requested(e):  # SIGTERM / SIGHUP end the chat; Ctrl-C only the reply
                 raise
@@ -148,3 +159,14 @@ def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> Non
             console.print(f"[dim]prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s · "
                           f"generation {last.generation_tokens} tok @ "
                           f"{last.generation_tps:.1f} tok/s[/dim]")
+
+
+def show(console: Console, parts: list[tuple[str, str]], shown: list) -> None:
+    """Print reply parts: reasoning dimmed, then a blank line, then the content. `shown` holds
+    the kind printed last."""
+    for kind, text in parts:
+        if kind == "content" and shown[-1] == "reasoning":
+            console.print("\n")
+        shown.append(kind)
+        console.print(text, end="", markup=False, soft_wrap=True,
+                      style="dim italic" if kind == "reasoning" else None)

@@ -229,17 +229,29 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
         if prompt_cache is not None:
             prefix.load(prompt_cache, ensure_package(model))
         cache, cached = prefix.fetch(ids)
-    pieces, tokens, last = [], [], None
+    from .reasoning import ReasoningParser, opens_reasoning, reasoning_format
+
+    fmt = None if raw else reasoning_format(tok.chat_template)  # reasoning goes to stderr
+    parser = ReasoningParser(fmt, opens_reasoning(text, fmt))
+    pieces, thought, tokens, last = [], [], [], None
+
+    def emit(parts):
+        for kind, piece in parts:
+            (thought if kind == "reasoning" else pieces).append(piece)
+            if not as_json:
+                click.secho(piece, nl=False, err=kind == "reasoning",
+                            dim=kind == "reasoning" or None)
+
     for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache, **sampling):
-        pieces.append(r.text)
+        emit(parser.feed(r.text))
         if r.finish_reason is None:
             tokens.append(r.token)
-        if not as_json:
-            click.echo(r.text, nl=False)
         last = r
+    emit(parser.finish())
     if as_json:
         click.echo(json.dumps({
-            "text": "".join(pieces), "tokens": tokens, "finish_reason": last.finish_reason,
+            "text": "".join(pieces), **({"reasoning": "".join(thought)} if thought else {}),
+            "tokens": tokens, "finish_reason": last.finish_reason,
             "prompt_tokens": len(ids), "cached_tokens": cached, "generation_tokens": len(tokens),
             "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
             "peak_memory_gb": round(last.peak_memory_gb, 3),

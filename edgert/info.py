@@ -40,11 +40,11 @@ def package_info(path: Path) -> dict:
     return {
         "path": str(path),
         "architecture": config.get("model_type"),
-        "layers": config.get("num_hidden_layers"),
-        "hidden_size": config.get("hidden_size"),
-        "heads": f"{config.get('num_attention_heads')} (kv {config.get('num_key_value_heads')})",
-        "vocab_size": config.get("vocab_size"),
-        "context_length": config.get("max_position_embeddings"),
+        "layers": text.get("num_hidden_layers"),  # a wrapper's (mlx-lm's VL folders) text model
+        "hidden_size": text.get("hidden_size"),
+        "heads": f"{text.get('num_attention_heads')} (kv {text.get('num_key_value_heads')})",
+        "vocab_size": text.get("vocab_size"),
+        "context_length": text.get("max_position_embeddings"),
         "parameters": params or None,
         "active_parameters": round(active) or None,  # per token: k of E experts (MoE)
         "experts": (f"{top_k} of {text.get('num_experts') or text.get('num_local_experts')}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .errors import EdgertError
 from .models import get_classes
@@ -58,7 +60,6 @@ def check_package(path: Path, config: dict, weights: dict[str, mx.array]) -> Non
 
 def mismatch(model: nn.Module, weights: dict) -> str | None:
     """One line saying which parameters the weights lack or add (counts and the first few)."""
-    from mlx.utils import tree_flatten
 
     want = {k for k, _ in tree_flatten(model.parameters())}
     missing, extra = sorted(want - weights.keys()), sorted(weights.keys() - want)
@@ -179,10 +180,27 @@ def load_model(path: str | Path, lazy: bool = False,
         from .parallel import parallelize
 
         parallelize(model)
+    wire(model)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model, config
+
+
+def wire(model: nn.Module) -> int | None:
+    """Where the device recommends a working-set size (Metal), raise MLX's wired limit to it, as
+    mlx-lm does while it generates, so the weights are not paged out between tokens; say once
+    on stderr when the model takes over 90% of it. Returns the previous limit, or None where
+    the device recommends nothing (the CPU and CUDA backends) and nothing was changed."""
+    recommended = mx.device_info().get("max_recommended_working_set_size")
+    if not recommended:
+        return None
+    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if size > 0.9 * recommended:
+        print(f"edgert: the weights take {size / 2**30:.1f} GiB, over 90% of the "
+              f"{recommended / 2**30:.1f} GiB this GPU keeps resident; decoding may page "
+              "(a smaller quantization would fit)", file=sys.stderr)
+    return mx.set_wired_limit(recommended)
 
 
 def load(model: str | Path | None = None, lazy: bool = False):

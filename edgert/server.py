@@ -217,10 +217,12 @@ class Server:
     """The request handling over an Engine: validation, prompts, jobs and responses."""
 
     def __init__(self, engine: Engine, model_id: str, default_max_tokens: int = 512):
+        from .reasoning import reasoning_format
         from .tools import tool_format
 
         self.engine, self.model_id = engine, model_id
         self.tool_format = tool_format(engine.tokenizer.chat_template)
+        self.reasoning_format = reasoning_format(engine.tokenizer.chat_template)
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
 
@@ -249,6 +251,16 @@ class Server:
         n = len(tok.encode(head, add_special_tokens=not tok.has_chat_template)) if head else 0
         return ids, [n] if text.startswith(head) and 0 < n < len(ids) else []
 
+    def reasoning(self, ids: list[int]) -> tuple[str, bool] | None:
+        """(format, whether the prompt `ids` left the reply inside a reasoning block), or None
+        for a template without reasoning: the reply's reasoning goes to `reasoning_content`."""
+        from .reasoning import opens_reasoning
+
+        if self.reasoning_format is None:
+            return None
+        tail = self.engine.tokenizer.decode(ids[-4:])
+        return self.reasoning_format, opens_reasoning(tail, self.reasoning_format)
+
     @staticmethod
     def use_tools(req: ChatRequest) -> bool:
         return bool(req.tools) and req.tool_choice != "none"
@@ -265,7 +277,8 @@ class Server:
                 raise APIError(400, f"tool_choice names {name!r}, which is not among the tools",
                                param="tool_choice")
             tok = self.engine.tokenizer
-            special = {t: i for t in ("<tool_call>", "</tool_call>")
+            special = {t: i for t in ("<tool_call>", "</tool_call>", "<|channel|>",
+                                      "<|constrain|>", "<|message|>")
                        if (i := tok.special_token_id(t)) is not None}
             return forced_call_grammar([t.model_dump(exclude_none=True) for t in req.tools],
                                        name, self.tool_format, special)
@@ -438,9 +451,12 @@ def create_app(engine: Engine, model_id: str, default_max_tokens: int = 512,
                 "model": model_id}
         events = srv.events(request, job, q)
         tools = (srv.tool_format or "any") if srv.use_tools(req) else None
+        reasoning = srv.reasoning(ids)
         if req.stream:
-            return _stream(events, head, "chat.completion.chunk", req, chat=True, tools=tools)
-        return await _collect(events, head, chat=True, logprobs=job.logprobs, tools=tools)
+            return _stream(events, head, "chat.completion.chunk", req, chat=True, tools=tools,
+                           reasoning=reasoning)
+        return await _collect(events, head, chat=True, logprobs=job.logprobs, tools=tools,
+                              reasoning=reasoning)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -497,7 +513,8 @@ def _arguments_as_object(call) -> Any:
 
 
 async def _collect(events, head: dict, chat: bool, logprobs: bool, echo: str = "",
-                   tools: str | None = None) -> JSONResponse:
+                   tools: str | None = None, reasoning: tuple[str, bool] | None = None
+                   ) -> JSONResponse:
     text, lps, done = [echo], [], None
     async for event in events:
         if event.kind == "error":
@@ -512,8 +529,16 @@ async def _collect(events, head: dict, chat: bool, logprobs: bool, echo: str = "
     if chat:
         message = {"role": "assistant", "content": "".join(text)}
         finish = done.finish_reason
+        raw = message["content"]
+        if reasoning:
+            from .reasoning import split_reasoning
+
+            thought, message["content"], _ = split_reasoning(raw, *reasoning)
+            if thought is not None:
+                message["reasoning_content"] = thought
         if tools:
-            message["content"], calls = _tool_calls(message["content"], tools)
+            message["content"], calls = _tool_calls(
+                raw if tools == "harmony" else message["content"], tools)
             if calls:
                 message["tool_calls"], finish = calls, "tool_calls"
         choice = {"index": 0, "message": message,
@@ -528,9 +553,13 @@ async def _collect(events, head: dict, chat: bool, logprobs: bool, echo: str = "
 
 
 def _stream(events, head: dict, obj: str, req: Sampling, chat: bool,
-            tools: str | None = None) -> StreamingResponse:
+            tools: str | None = None, reasoning: tuple[str, bool] | None = None
+            ) -> StreamingResponse:
     """Server-sent events; with tools the reply is held back until it is complete and then
-    sent as content or as tool calls."""
+    sent as content or as tool calls. Reasoning goes out as `reasoning_content` deltas."""
+    from .reasoning import ReasoningParser, split_reasoning
+
+    parser = ReasoningParser(*reasoning) if reasoning else None
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(delta_text: str | None, logprobs, finish: str | None, role: bool = False) -> dict:
@@ -560,12 +589,25 @@ def _stream(events, head: dict, obj: str, req: Sampling, chat: bool,
             if event.kind == "delta":
                 if tools:
                     held.append(event.text)
+                elif parser:
+                    for i, (kind, text) in enumerate(parser.feed(event.text)):
+                        yield _sse(_reasoning_delta(
+                            chunk(text, None if i else event.logprobs, None), kind))
                 else:
                     yield _sse(chunk(event.text, event.logprobs, None))
                 continue
             finish = event.finish_reason
+            if parser and not tools:
+                for kind, text in parser.finish():
+                    yield _sse(_reasoning_delta(chunk(text, None, None), kind))
             if tools:
-                content, calls = _tool_calls("".join(held), tools)
+                raw = "".join(held)
+                if parser:
+                    thought, visible, _ = split_reasoning(raw, *reasoning)
+                    if thought is not None:
+                        yield _sse(_reasoning_delta(chunk(thought, None, None), "reasoning"))
+                content, calls = _tool_calls(raw if tools == "harmony" or not parser
+                                             else visible, tools)
                 if content:
                     yield _sse(chunk(content, None, None))
                 if calls:
@@ -581,6 +623,15 @@ def _stream(events, head: dict, obj: str, req: Sampling, chat: bool,
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
+
+
+def _reasoning_delta(chunk: dict, kind: str) -> dict:
+    """A chat chunk whose text is reasoning: sent as `reasoning_content` (llama-server's and
+    vLLM's field), not as content."""
+    if kind == "reasoning":
+        delta = chunk["choices"][0]["delta"]
+        delta["reasoning_content"] = delta.pop("content")
+    return chunk
 
 
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080, *,

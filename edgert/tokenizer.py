@@ -21,7 +21,10 @@ from .errors import EdgertError, UnsupportedError
 # they stop generation wherever the vocabulary has them as special tokens.
 END_OF_GENERATION = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>",
                      "<|endoftext|>", "<|end_of_text|>", "<EOT>", "<end_of_utterance>",
-                     "<｜end▁of▁sentence｜>")
+                     "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>")
+# gpt-oss's harmony vocabulary: <|end|> closes one message (the reasoning) and the reply goes
+# on; <|return|> and <|call|> end it (llama.cpp drops <|end|> where both are present)
+HARMONY_ENDS = ("<|return|>", "<|call|>")
 
 
 def _read_json(path: Path) -> dict:
@@ -159,7 +162,9 @@ class Tokenizer:
         stops = {*_ids(model_config.get("eos_token_id")), *_ids(generation_config.get("eos_token_id"))}
         if self.eos_token and (i := tok.token_to_id(self.eos_token)) is not None:
             stops.add(i)
-        stops.update(specials[t] for t in END_OF_GENERATION if t in specials)
+        harmony = all(t in specials for t in HARMONY_ENDS)
+        stops.update(specials[t] for t in END_OF_GENERATION if t in specials
+                     and not (harmony and t == "<|end|>"))
         self.eos_token_ids: set[int] = stops
         self._anchor = next((i for t in ("a", "e", "x") if (i := tok.token_to_id(t)) is not None
                              and t not in specials and tok.decode([i, i]) == t + t), None)

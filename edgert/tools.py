@@ -6,6 +6,8 @@ Formats (what the families edgert runs are trained on, as their templates descri
   one block per call.
 - "llama3" (Llama 3.1-3.3): the reply is one JSON object `{"name": ..., "parameters": {...}}`,
   optionally after `<|python_tag|>`.
+- "harmony" (gpt-oss): a commentary message addressed `to=functions.NAME` whose body is the
+  arguments, ended by `<|call|>` (parsed by edgert.reasoning with the rest of the reply).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 def tool_format(chat_template: str | None) -> str | None:
-    """"hermes", "llama3" or None (a template that does not render tool calls)."""
+    """"hermes", "llama3", "harmony" or None (a template that does not render tool calls)."""
     t = chat_template or ""
+    if "to=functions." in t or '"functions." + tool_call.name' in t:
+        return "harmony"
     if "<tool_call>" in t:
         return "hermes"
     if "tool_calls" in t and '"parameters": ' in t:
@@ -57,6 +61,11 @@ def parse_tool_calls(text: str, fmt: str | None) -> tuple[str | None, list[dict]
             return text, []
         rest = HERMES_BLOCK.sub("", text).strip()
         return rest or None, calls
+    if fmt == "harmony":
+        from .reasoning import harmony_tool_arguments, split_reasoning
+
+        _, content, found = split_reasoning(text, "harmony")
+        return content or None, [_call(name, harmony_tool_arguments(args)) for name, args in found]
     if fmt == "llama3":
         body = text.strip().removeprefix("<|python_tag|>").strip()
         try:
@@ -79,8 +88,8 @@ def _call_schema(tool: dict, key: str) -> dict:
 def forced_call_grammar(tools: list[dict], name: str | None, fmt: str | None,
                         special: dict[str, int] | None = None) -> str:
     """A Lark grammar (llguidance) for exactly one call of `name` (or of any tool) in `fmt`;
-    `special` maps `<tool_call>` / `</tool_call>` to their ids where the vocabulary has them
-    as single tokens."""
+    `special` maps tags (`<tool_call>`, harmony's `<|channel|>` ...) to their ids where the
+    vocabulary has them as single tokens."""
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
     key = "parameters" if fmt == "llama3" else "arguments"
     schemas = [_call_schema(t, key) for t in chosen]
@@ -94,6 +103,15 @@ def forced_call_grammar(tools: list[dict], name: str | None, fmt: str | None,
 
     def tag(t: str) -> str:
         return f"<[{special[t]}]>" if t in special else json.dumps(t)
+
+    if fmt == "harmony":  # a commentary message to the function whose body is the arguments
+        calls = []
+        for t in chosen:
+            args = json.dumps({**(t["function"].get("parameters") or {"type": "object"}),
+                               "x-guidance": JSON_OPTIONS})
+            calls.append(f'{tag("<|channel|>")} "commentary to=functions.{t["function"]["name"]} " '
+                         f'{tag("<|constrain|>")} "json" {tag("<|message|>")} %json {args}')
+        return "start: " + " | ".join(calls) + "\n"
 
     return (f'start: {tag("<tool_call>")} "\\n" call "\\n" {tag("</tool_call>")}\n'
             f"call: %json {body}\n")

@@ -283,6 +283,29 @@ def test_refuses_a_model_larger_than_memory(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_wired_limit_set_where_the_device_recommends_one(tmp_path, monkeypatch, capsys):
+    """On Metal (device_info reports a recommended working set) the loader raises MLX's wired
+    limit to it, as mlx-lm does, and warns once when the weights exceed 90% of it; on this
+    CPU backend, which reports none, the limit is left alone."""
+    import mlx.core as mx
+
+    assert "max_recommended_working_set_size" not in mx.device_info()  # this CPU backend
+    kw, _ = CONFIGS["fused"]
+    package = convert_file(save_checkpoint(hf_moe(kw), tmp_path / "hf", "fused"),
+                           tmp_path / "pkg", progress=False)
+    calls = []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
+    load_model(package)
+    assert calls == []
+    for recommended, warned in ((1 << 40, False), (1 << 16, True)):
+        monkeypatch.setattr(mx, "device_info", lambda r=recommended: {
+            "max_recommended_working_set_size": r})
+        model, _ = load_model(package)
+        assert calls[-1] == recommended
+        err = capsys.readouterr().err
+        assert ("over 90%" in err) == warned and err.count("\n") <= 1
+
+
 def test_coreml_refuses_moe(tmp_path):
     kw, _ = CONFIGS["fused"]
     folder = save_checkpoint(hf_moe(kw), tmp_path / "hf", "fused")

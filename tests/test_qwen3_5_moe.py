@@ -95,14 +95,18 @@ def test_default_4bit_and_mlx_lm(moe, tmp_path):
     assert rel_err(got, hf_logits(reference, IDS)) < 1e-4
 
 
-def test_mlx_lm_loads_the_float_package(tmp_path):
-    """mlx-lm's own qwen3_5_moe (the VL wrapper; it knows no qwen3_5_moe_text) on the package.
-    Float: mlx-lm would look for the 8-bit routers' overrides under its own module paths
-    (language_model.model.*), which the package does not name."""
+@pytest.mark.parametrize("bits", [0, 4])
+def test_mlx_lm_loads_the_package(tmp_path, bits):
+    """mlx-lm's own qwen3_5_moe (the VL wrapper; it knows no qwen3_5_moe_text) on the package,
+    float and 4-bit. At 4 bits the routers' 8-bit overrides must also be found under mlx-lm's
+    module paths (language_model.model.*), not only the package's (model.language_model.*)."""
     from mlx_lm.utils import load_model as mlx_lm_load
 
     hf_qwen3_5_moe("vl-interval4", tmp_path / "hf")
-    package = convert_file(tmp_path / "hf", tmp_path / "pkg", bits=0, progress=False)
+    package = convert_file(tmp_path / "hf", tmp_path / "pkg", bits=bits, progress=False)
     ours, _ = load_model(package)
     theirs, _ = mlx_lm_load(package)
+    gate = theirs.language_model.model.layers[0].mlp.gate
+    assert (getattr(gate, "bits", None) == 8) == (bits == 4)
+    theirs.set_dtype(mx.float32)  # mlx-lm computes in the scales' dtype (float16); ours float32
     assert rel_err(logits(ours, IDS), logits(theirs, IDS)) < 1e-4

@@ -116,12 +116,11 @@ class GGUFSpec:
     config: Any = None  # (meta, config) -> config
     transform: Any = _no_transform
     validate: Any = None
-    parameters: dict[str, str] = field(default_factory=dict)  # blk.N.<key>.weight -> a bare
-    # parameter model.layers.N.<value> (no .weight), e.g. Gemma 4's layer_scalar
     global_tensors: dict[str, str] = field(default_factory=lambda: {
         "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"})
-    # block tensors blk.N.<leaf> named whole under model.layers.N (no .weight/.bias of their
-    # own), e.g. {"ssm_a": "linear_attn.A_log", "ssm_dt.bias": "linear_attn.dt_bias"}
+    # block tensors blk.N.<leaf> named whole under model.layers.N (bare parameters, no
+    # .weight/.bias of their own), e.g. {"ssm_a": "linear_attn.A_log", "ssm_dt.bias":
+    # "linear_attn.dt_bias"}, Gemma 4's {"layer_output_scale.weight": "layer_scalar"}
     leaves: dict[str, str] = field(default_factory=dict)
     default_rope_theta: float = 10000.0
 

@@ -570,7 +570,7 @@ GGUF = GGUFSpec(
         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
         "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
         "post_norm": "post_per_layer_input_norm"},
-    parameters={"layer_output_scale": "layer_scalar"},  # a bare parameter, stored as .weight
+    leaves={"layer_output_scale.weight": "layer_scalar"},  # a bare parameter, stored as .weight
     config=gguf_config,
     global_tensors={"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                     "output": "lm_head", "per_layer_token_embd": "model.embed_tokens_per_layer",

@@ -311,12 +311,17 @@ class Model(nn.Module):
         """Package (HF) names -> this module's: a VL wrapper's model.language_model.* is the
         text model, its vision tower and MTP head are dropped; a tied head is dropped."""
         out = {}
+        mlx_lm_saved = False
         for k, v in weights.items():
             if (k := model_name(k)) is None:
                 continue
             if k.endswith("conv1d.weight") and v.ndim == 3 and v.shape[1] != 1:
                 v = v.swapaxes(1, 2)  # mlx-lm's (C, K, 1) -> HF (C, 1, K)
+                mlx_lm_saved = True
             out[k] = v
+        if mlx_lm_saved:  # mlx-lm saves the zero-centred norms as 1 + w (it runs plain RMSNorm)
+            out = {k: v - 1.0 if k.endswith(ZERO_CENTRED_NORMS) and v.ndim == 1 else v
+                   for k, v in out.items()}
         if self.args.tie_word_embeddings:
             out.pop("lm_head.weight", None)
         return out
@@ -328,9 +333,13 @@ class Model(nn.Module):
 
 def model_name(name: str) -> str | None:
     """A package tensor name -> the text model's (a VL wrapper's model.language_model.* is
-    model.*); None for what the text model does not hold (vision tower, MTP head, rotary)."""
-    if name.startswith(("model.visual.", "visual.", "mtp.")) or "rotary_emb" in name:
+    model.*, mlx-lm's language_model.model.* too); None for what the text model does not hold
+    (vision tower, MTP head, rotary)."""
+    if name.startswith(("model.visual.", "visual.", "vision_tower.", "mtp.")) \
+            or "rotary_emb" in name:
         return None
+    if name.startswith("language_model."):  # mlx-lm's own saved layout
+        return name.removeprefix("language_model.")
     return name.replace("model.language_model.", "model.", 1)
 
 

@@ -286,6 +286,25 @@ def without(src: Path, dst: Path, drop: str) -> Path:
     return dst
 
 
+def with_value(src: Path, dst: Path, key: str, value: int) -> Path:
+    """An F32 GGUF with metadata `key` set to `value` (rewritten by gguf-py)."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            array = f.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(f.name, value if f.name == key else f.contents(), f.types[0],
+                            f.types[-1] if array else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data, np.float32).reshape(
+            [int(d) for d in reversed(t.shape.tolist())]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 MISSING = {  # per family: (a tensor to drop, a metadata key to remove)
     "qwen35moe": ("blk.0.ffn_gate_inp_shexp.weight", "expert_shared_feed_forward_length"),
     "gpt-oss": ("blk.1.attn_sinks.weight", "attention.sliding_window"),
@@ -293,27 +312,35 @@ MISSING = {  # per family: (a tensor to drop, a metadata key to remove)
 }
 
 
-def test_missing_tensor_or_metadata(family, llama_cpp_converter, tmp_path):
-    """A GGUF without a tensor the model needs (a shared-expert gate, sinks, a router) or
-    without an expert / window key: a one-line error naming it, nothing written."""
+def test_bad_moe_gguf(family, llama_cpp_converter, tmp_path):
+    """A GGUF without a tensor the model needs (a shared-expert gate, sinks, a router), without
+    an expert / window key, with an expert count the tensors contradict or a top-k above the
+    expert count: a one-line error naming it, nothing written."""
     from test_cli import assert_one_line_error, run
 
     arch, _, files = family
     tensor, key = MISSING[arch]
-    bad = {"tensor": without(files["F32"], tmp_path / "no-tensor.gguf", tensor),
-           "key": tmp_path / "no-key.gguf"}
+    layer = tensor.split(".")[1]
+    cases = {
+        "tensor": (without(files["F32"], tmp_path / "no-tensor.gguf", tensor),
+                   [f"model.layers.{layer}.", "no tensor for"]),
+        "key": (tmp_path / "no-key.gguf", [f"{arch}.{key}"]),
+        "count": (with_value(files["F32"], tmp_path / "count.gguf", f"{arch}.expert_count", 16),
+                  ["shape [8, 256, 256] in the file, [16, 256, 256] from its metadata"]),
+        "topk": (with_value(files["F32"], tmp_path / "topk.gguf", f"{arch}.expert_used_count",
+                            9), ["num_experts_per_tok 9", "expert count 8"]),
+    }
     script = llama_cpp_converter / "gguf-py/gguf/scripts/gguf_new_metadata.py"
-    r = subprocess.run([sys.executable, str(script), str(files["F32"]), str(bad["key"]),
+    r = subprocess.run([sys.executable, str(script), str(files["F32"]), str(cases["key"][0]),
                         "--force", "--remove-metadata", f"{arch}.{key}"], capture_output=True,
                        text=True, env={**os.environ,
                                        "PYTHONPATH": str(llama_cpp_converter / "gguf-py")})
     assert r.returncode == 0, r.stderr[-2000:]
-    layer = tensor.split(".")[1]
-    words = {"tensor": [f"model.layers.{layer}.", "no tensor for"], "key": [f"{arch}.{key}"]}
-    for what, path in bad.items():
+    for what, (path, words) in cases.items():
         with pytest.raises(EdgertError) as e:
             convert_file(path, tmp_path / f"{what}-pkg", progress=False)
-        assert all(w in str(e.value) for w in words[what]) and "\n" not in str(e.value)
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
         assert not (tmp_path / f"{what}-pkg").exists()
-    assert_one_line_error(run("convert", str(bad["tensor"]), "-o", str(tmp_path / "cli"),
-                              env_home=tmp_path), *words["tensor"])
+    assert_one_line_error(run("convert", str(cases["tensor"][0]), "-o", str(tmp_path / "cli"),
+                              env_home=tmp_path), *cases["tensor"][1])
+    assert not (tmp_path / "cli").exists()

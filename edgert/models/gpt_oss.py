@@ -310,4 +310,4 @@ def gguf_config(meta, config: dict) -> dict:
 
 
 GGUF = GGUFSpec("gpt-oss", "GptOssForCausalLM", GGUF_TENSORS, config=gguf_config,
-                parameters={"attn_sinks": "self_attn.sinks"}, default_rope_theta=150000.0)
+                leaves={"attn_sinks.weight": "self_attn.sinks"}, default_rope_theta=150000.0)

@@ -139,6 +139,7 @@ def test_f32_gguf_matches_transformers(family, tmp_path):
     assert config.get("num_experts", config.get("num_local_experts")) == 8
     assert config["num_experts_per_tok"] == 2
     ref, got = hf_logits(hf), edgert_logits(model)
+    print(f"{arch} F32: transformers vs edgert {rel_err(got, ref):.2e}")
     assert rel_err(got, ref) < 1e-4
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
     cache = make_cache(model)

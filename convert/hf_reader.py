@@ -405,6 +405,44 @@ def _zero_point_step(module: str, refs: dict[str, TensorRef], kind: str, qcfg: d
     return [f"{module}.weight"] + ([] if perm is None else [f"{module}.input_perm"]), exact
 
 
+def _stacked_zero_point_step(target: str, modules: list[str], refs: dict[str, TensorRef],
+                             kind: str, qcfg: dict, want: dict | None, scale_dtype: str) -> Step:
+    """GPTQ / AWQ experts (one module each) as one (E, out, in) tensor: stacked exactly where
+    every expert maps exactly with the same layout and no input permutation (act-order orders
+    differ per expert, and a stacked layer takes one); otherwise re-quantized from the
+    experts' reference dequantizations."""
+    if [int(m.split(".")[-2]) for m in modules] != list(range(len(modules))):
+        raise EdgertError(f"{target}: the checkpoint's {kind.upper()} experts are not "
+                          f"numbered 0..{len(modules) - 1}")
+    experts = [_zero_point_step(m, refs, kind, qcfg, want, scale_dtype)[1] for m in modules]
+    E = len(modules)
+    source = _expert_pattern([f"{m}.qweight" for m in modules])
+    note = f"{E} experts stacked (E, out, in)"
+
+    def produce() -> list[TensorRecord]:
+        recs = [produce_one() for produce_one in experts]
+        first = [r[0] for r in recs]
+        reference = lambda: np.stack([r.reference_value() for r in first])
+        same = len({(r.value.bits, r.value.group_size) for r in first
+                    if isinstance(r.value, QuantTensor)}) == 1
+        if all(len(r) == 1 and isinstance(r[0].value, QuantTensor) and r[0].mapping in (
+                EXACT, F32_SCALES_EXACT) for r in recs) and same:
+            stacked = stack_quantized([r.value for r in first])
+            mapping = F32_SCALES_EXACT if stacked.scales.dtype == np.float32 else EXACT
+            return [TensorRecord(target, stacked, source, first[0].source_type, mapping,
+                                 note=note, reference=reference, experts=E)]
+        ref = reference()
+        v = first[0].value  # the source's bits and group, unless the caller asked otherwise
+        layout = ({"bits": v.bits, "group_size": v.group_size} if isinstance(v, QuantTensor)
+                  else {"bits": None, "group_size": None})
+        stack = ExpertStack(target, source, first[0].source_type, ref.shape, lambda e: ref[e])
+        out = _stack_records(stack, want or layout, scale_dtype, True)
+        out[0].note += "; re-quantized from the experts' dequantization (act-order or mixed layouts)"
+        return out
+
+    return [target], produce
+
+
 def _bitnet_step(module: str, refs: dict[str, TensorRef]) -> Step:
     def produce() -> list[TensorRecord]:
         ref = refs[f"{module}.weight"]
@@ -774,6 +812,13 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
         elif kind == "mlx" and leaf == "scales" and f"{module}.biases" in refs:
             owned |= {f"{module}.{x}": module for x in ("weight", "scales", "biases")}
 
+    # GPTQ / AWQ experts: each expert's module decodes on its own; the stack is one step
+    expert_of: dict[str, tuple[str, int]] = {}  # module -> (stacked package name, expert)
+    stack = getattr(arch, "hf_stack", None)
+    if kind in ("gptq", "awq") and stack is not None:
+        for module in set(owned.values()):
+            if (hit := stack(f"{module}.weight", config)) is not None:
+                expert_of[module] = hit
     steps, done = [], set()
     planned: dict[str, tuple] = {}
     for name, ref in refs.items():
@@ -795,6 +840,13 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
                 continue
             done.add(module)
             want = request.get(module)
+            if module in expert_of:
+                target = expert_of[module][0]
+                members = sorted((e, m) for m, (t, e) in expert_of.items() if t == target)
+                if members[0][1] == module:  # the stack's step, planned at its first expert
+                    steps.append(_stacked_zero_point_step(target, [m for _, m in members],
+                                                          refs, kind, qcfg, want, scale_dtype))
+                continue
             if kind == "bitnet":
                 steps.append(_bitnet_step(module, refs))
             elif kind == "mxfp4":

@@ -313,3 +313,66 @@ def test_coreml_refuses_moe(tmp_path):
                               str(tmp_path / "m.mlpackage"), env_home=tmp_path),
                           "mixture-of-experts", "qwen3_moe")
     assert not (tmp_path / "m.mlpackage").exists()
+
+
+@pytest.mark.parametrize("g_kind", ["plain", "act-order"])
+def test_gptq_moe_checkpoint(tmp_path, g_kind):
+    """A GPTQ Qwen3-MoE (AutoGPTQ's packing; every expert its own QuantLinear, the router kept
+    float, as GPTQModel writes MoE models): plain groups stack exactly into (E, out, in) and
+    the logits are transformers' on GPTQ's reference weights. Act-order experts (their column
+    orders differ per expert, and a stacked layer takes one) are re-quantized from GPTQ's own
+    dequantization, with the error reported."""
+    from safetensors.numpy import load_file as load_np
+    from test_hf_reader import LINEARS, autogptq_pack, gptq_quantize, make_g_idx
+
+    kw, _ = CONFIGS["dense-layer-1"]
+    hf = hf_moe(kw)
+    hf.save_pretrained(tmp_path / "hf")  # per-expert names, as checkpoints have them
+    sd = load_np(str(tmp_path / "hf" / "model.safetensors"))
+    rng, out, refs = np.random.default_rng(0), {}, {}
+    for name, w in sd.items():
+        if not name.endswith(LINEARS):
+            out[name] = w.astype(np.float16)
+            continue
+        g_idx = make_g_idx(w.shape[1], 32, g_kind if ".experts." in name else "plain", rng)
+        q, s, z = gptq_quantize(w, 4, g_idx, sym=False)
+        refs[name] = (s.astype(np.float32)[g_idx].T * (q.astype(np.float32) - z[g_idx].T))
+        module = name.removesuffix(".weight")
+        out |= {f"{module}.qweight": autogptq_pack(q.T, 4),
+                f"{module}.qzeros": np.ascontiguousarray(autogptq_pack((z - 1).T, 4).T),
+                f"{module}.scales": s, f"{module}.g_idx": g_idx}
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    save_file(out, str(folder / "model.safetensors"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                     "sym": False, "desc_act": g_kind == "act-order"}
+    (folder / "config.json").write_text(json.dumps(config))
+    package = convert_file(folder, tmp_path / "pkg", progress=False)
+    report = json.loads((package / "edgert.json").read_text())["tensors"]
+    stacked = {k: v for k, v in report.items() if ".switch_mlp." in k}
+    assert len(stacked) == 3 * 2  # two sparse layers (layer 1 is dense)
+    want = "exact" if g_kind == "plain" else "requantized"
+    assert all(v["class"].endswith(want) for v in stacked.values()), stacked
+    ours, _ = load_model(package)
+    if g_kind == "act-order":  # re-quantized: held to transformers on the package's weights
+        assert all(v["max_abs_error"] > 0 for v in stacked.values())
+        reference = copy.deepcopy(hf)
+        reference.load_state_dict({k: torch.from_numpy(v) for k, v in
+                                   dequantized_state(hf, package).items()}, strict=False)
+        assert rel_err(logits(ours), hf_logits(reference)) < 1e-4
+        return
+    # transformers with GPTQ's reference weights (and the checkpoint's float16 tensors),
+    # experts fused as it holds them in memory
+    state = {k: v for k, v in refs.items() if ".experts." not in k}
+    state |= {k: v for k, v in out.items() if k in sd and k not in refs}
+    for layer in (0, 2):
+        base = f"model.layers.{layer}.mlp.experts"
+        per = lambda p: np.stack([refs[f"{base}.{e}.{p}.weight"] for e in range(8)])
+        state[f"{base}.gate_up_proj"] = np.concatenate([per("gate_proj"), per("up_proj")], 1)
+        state[f"{base}.down_proj"] = per("down_proj")
+    reference = copy.deepcopy(hf)
+    assert set(state) <= set(reference.state_dict())
+    reference.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in
+                               state.items()}, strict=False)
+    assert rel_err(logits(ours), hf_logits(reference)) < 1e-4

@@ -549,6 +549,9 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
                                        f"{t.tensor_type.name} tensors are not supported")
             if spec.validate is not None:
                 spec.validate(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), config)
+        shapes = _hf_shapes(reader, arch)
+        _check_complete(architecture(arch), config,
+                        {n: shapes[n] for t in kept for n in hf_names(t.name, arch)})
         note = ""
         if "rope_freqs.weight" in names and "rope_parameters" in config:
             note = "rope_freqs tensor skipped: the architecture read it into rope_parameters"
@@ -602,6 +605,32 @@ def read_gguf(path: Path, *, bits: int | None = None, group_size: int | None = N
         source["note"] = note
     count = sum(len(hf_names(t.name, arch)) for t in kept)
     return CanonicalModel(config, tensors, count, tokenizer_files, source)
+
+
+def _check_complete(module, config: dict, planned: dict[str, tuple[int, ...]]) -> None:
+    """One line for a parameter of the model built from the metadata that no GGUF tensor
+    provides (a router, a shared expert's gate, sinks...) or whose tensor has another size (an
+    expert count or width the metadata contradicts), before anything is written. The model is
+    built lazily (nothing allocated); its sanitize sees the names as the loader will. Sizes
+    are compared as element counts where a transform reshapes (conv1d (C, K) -> (C, 1, K))."""
+    from mlx.utils import tree_flatten
+
+    import mlx.core as mx
+
+    model = module.Model(module.ModelArgs.from_dict(config))
+    seen = model.sanitize({k: mx.zeros(v) for k, v in planned.items()})  # may pick a layout
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    for name, v in seen.items():
+        got, want = tuple(v.shape), expected.get(name)
+        if want is not None and (got != want if len(got) == len(want)
+                                 else math.prod(got) != math.prod(want)):
+            raise EdgertError(f"{name}: shape {list(got)} in the file, {list(want)} from its "
+                              "metadata")
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EdgertError(f"no tensor for {missing[0]}{more}, which a {config['model_type']} "
+                          "model of this metadata needs")
 
 
 def _file_type(value: int | None) -> str | int | None:

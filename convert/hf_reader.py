@@ -554,12 +554,12 @@ def _expert_pattern(names: list[str]) -> str:
 
 def stack_quantized(parts: list[QuantTensor]) -> QuantTensor:
     """Per-expert (out, in) quantized tensors -> one (E, out, in); float32 scales for all if
-    any expert needed them (exact widening of the others)."""
+    any expert needed them (exact widening of the others); mode "mxfp4" (no biases) kept."""
     dt = np.float32 if any(p.scales.dtype == np.float32 for p in parts) else parts[0].scales.dtype
+    biases = None if parts[0].biases is None else np.stack([p.biases.astype(dt) for p in parts])
     return QuantTensor(np.stack([p.w_q for p in parts]),
-                       np.stack([p.scales.astype(dt) for p in parts]),
-                       np.stack([p.biases.astype(dt) for p in parts]),
-                       parts[0].bits, parts[0].group_size)
+                       np.stack([p.scales.astype(dt) for p in parts]), biases,
+                       parts[0].bits, parts[0].group_size, parts[0].mode)
 
 
 def _stack_records(stack: ExpertStack, want: dict | None, scale_dtype: str,

@@ -76,6 +76,23 @@ SYNTHETIC["qwen3-30b-a3b"] = dict(
     num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
     tie_word_embeddings=False)
+# gpt-oss-20b: 24 layers (sliding 128 / full alternating) of 32 experts, 4 per token (experts
+# MXFP4 in the published checkpoint; here at --bits like the rest)
+SYNTHETIC["gpt-oss-20b"] = dict(
+    model_type="gpt_oss", hidden_size=2880, num_hidden_layers=24, intermediate_size=2880,
+    num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,
+    num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096}, tie_word_embeddings=False)
+# Qwen3.5-35B-A3B (transformers' Qwen3_5MoeTextConfig defaults): 30 Gated DeltaNet and 10 full
+# attention layers, each with 256 experts (8 per token) and a shared expert
+SYNTHETIC["qwen3.5-35b-a3b"] = dict(
+    model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=40, intermediate_size=512,
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+    linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, vocab_size=248320, tie_word_embeddings=False)
 
 
 @dataclass
@@ -441,7 +458,8 @@ def run_bench(model_arg: str | None = None, *, synthetic: str | None = None, bit
         load_s=round(load_s, 3), cache=CacheProfile.of(model),
         active_fraction=round(active_weight_bytes(model) / max(weight_bytes(model), 1), 6))
     report.kv_bytes_per_token = report.cache.kv_per_position
-    if (k := _top_k(model)) and (e := getattr(model.args, "num_experts", None)):
+    if (k := _top_k(model)) and (e := getattr(model.args, "num_experts", None)
+                                 or getattr(model.args, "num_local_experts", None)):
         report.experts = (k, e)
     if synthetic and layers is not None:
         report.layers = (layers, SYNTHETIC[synthetic]["num_hidden_layers"])

@@ -10,6 +10,7 @@ from .generation import stream_generate
 from .models.cache import make_cache, restore, snapshot, trimmable
 from .reasoning import ReasoningParser, opens_reasoning, reasoning_format, split_reasoning
 from .signals import stop_requested
+from .speculative import summary
 
 HELP = "/reset starts a new conversation, /exit quits; Ctrl-C stops a reply."
 
@@ -35,8 +36,10 @@ class ChatSession:
 
     max_snapshots = 4
 
-    def __init__(self, model, tokenizer, system: str | None = None):
+    def __init__(self, model, tokenizer, system: str | None = None, draft=None,
+                 num_draft: int = 4):
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.draft, self.num_draft = draft, num_draft  # speculative decoding (edgert.speculative)
         self.reasoning = reasoning_format(tokenizer.chat_template)  # "harmony", "think", None
         self.opens_reasoning = False  # whether the last prompt left the reply inside reasoning
         self.reset()
@@ -97,7 +100,8 @@ class ChatSession:
             for r in stream_generate(self.model, self.tokenizer, ids[keep:], max_tokens,
                                      prompt_cache=self.cache,
                                      on_prefilled=lambda _: self._remember(ids[:-1]),
-                                     **sampling):
+                                     draft=self.draft, num_draft=self.num_draft,
+                                     history=ids[:keep], **sampling):
                 if r.finish_reason is None or r.finish_reason == "stop":
                     fed.append(r.token)
                 text.append(r.text)
@@ -116,13 +120,14 @@ class ChatSession:
                 self._remember(self.cached)
 
 
-def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> None:
+def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict, draft=None,
+             num_draft: int = 4) -> None:
     model, tokenizer = loaded
     # Ctrl-C must stop a reply even when the parent started us with SIGINT ignored (a shell's
     # background job, nohup), which Python would otherwise inherit.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     console = Console(highlight=False)
-    session = ChatSession(model, tokenizer, system)
+    session = ChatSession(model, tokenizer, system, draft, num_draft)
     console.print(f"[dim]{HELP}[/dim]")
     while True:
         try:
@@ -158,7 +163,7 @@ def run_chat(loaded, system: str | None, max_tokens: int, sampling: dict) -> Non
         if last is not None:
             console.print(f"[dim]prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s · "
                           f"generation {last.generation_tokens} tok @ "
-                          f"{last.generation_tps:.1f} tok/s[/dim]")
+                          f"{last.generation_tps:.1f} tok/s{summary(last)}[/dim]")
 
 
 def show(console: Console, parts: list[tuple[str, str]], shown: list) -> None:

@@ -132,6 +132,45 @@ def kv_options(f):
                              "sliding windows).")(f)
 
 
+def speculative_options(f):
+    """--draft-model / --prompt-lookup / --num-draft (edgert.speculative)."""
+    f = click.option("--num-draft", default=None, type=click.IntRange(min=1),
+                     help="Speculative decoding: tokens drafted per target pass (default 4).")(f)
+    f = click.option("--prompt-lookup", default=None, type=click.IntRange(min=1), metavar="N",
+                     help="Speculative decoding with drafts looked up in the prompt and output "
+                          "so far: what followed the last N tokens (then N-1, ... 1) before. "
+                          "No draft model; good for edits of text the prompt holds.")(f)
+    return click.option("--draft-model", default=None,
+                        help="Speculative decoding with this smaller model (any MODEL edgert "
+                             "loads, with the same vocabulary) drafting for MODEL. Greedy output "
+                             "is that of plain decoding.")(f)
+
+
+def check_speculative(draft_model, prompt_lookup, num_draft) -> None:
+    """The speculative options make sense together (before any model loads)."""
+    if draft_model is not None and prompt_lookup is not None:
+        raise EdgertError("give --draft-model or --prompt-lookup, not both")
+    if num_draft is not None and draft_model is None and prompt_lookup is None:
+        raise EdgertError("--num-draft needs --draft-model or --prompt-lookup")
+
+
+def load_drafter(draft_model, prompt_lookup, tokenizer):
+    """The drafter the options ask for (None without them); a draft model with another
+    vocabulary than `tokenizer`'s is refused."""
+    from .speculative import DraftModel, PromptLookup, check_vocabularies
+
+    if prompt_lookup is not None:
+        return PromptLookup(prompt_lookup)
+    if draft_model is None:
+        return None
+    if Path(draft_model).suffix == ".mlpackage":
+        raise EdgertError("--draft-model needs an MLX model (a package folder or a .gguf), "
+                          "not a Core ML package")
+    model, draft_tok = load_with_status(draft_model, "mlx")
+    check_vocabularies(tokenizer, draft_tok)
+    return DraftModel(model)
+
+
 def recommended_options(f):
     """Sampling options that default to the model's recommended sampling."""
     for opt in reversed([
@@ -177,14 +216,21 @@ def with_recommended(given: dict, generation_config: dict | None) -> dict:
 @recommended_options
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--engine", type=click.Choice(["mlx", "coreml"]), default=None, help=ENGINE_HELP)
-def chat(model, system, max_tokens, engine, **kw):
+@speculative_options
+def chat(model, system, max_tokens, engine, draft_model, prompt_lookup, num_draft, **kw):
     """Chat with a model, streaming. /reset starts over, /exit quits; Ctrl-C stops a reply."""
     from .chat import run_chat
 
     given = given_sampling(kw)  # checked before the model loads
+    check_speculative(draft_model, prompt_lookup, num_draft)
+    if (draft_model or prompt_lookup) and (engine == "coreml" or (
+            model and Path(model).suffix == ".mlpackage")):
+        raise EdgertError("--draft-model and --prompt-lookup need the mlx engine")
     loaded = load_with_status(model, engine)
+    draft = load_drafter(draft_model, prompt_lookup, loaded[1])
     run_chat(loaded, system=system, max_tokens=max_tokens,
-             sampling=with_recommended(given, getattr(loaded[1], "generation_config", None)))
+             sampling=with_recommended(given, getattr(loaded[1], "generation_config", None)),
+             draft=draft, num_draft=num_draft or 4)
 
 
 @cli.command()
@@ -199,13 +245,18 @@ def chat(model, system, max_tokens, engine, **kw):
               default=None, help="A prompt cache from `edgert cache-prompt`: its tokens, where "
                                  "the prompt starts with them, are not computed again.")
 @kv_options
+@speculative_options
 def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cache, kv_bits,
-             kv_group_size, **kw):
+             kv_group_size, draft_model, prompt_lookup, num_draft, **kw):
     """Generate a reply to PROMPT with MODEL."""
     from .generation import stream_generate
+    from .speculative import summary
     from .tokenizer import check_text
 
     sampling = sampling_kwargs(kw)
+    check_speculative(draft_model, prompt_lookup, num_draft)
+    if (draft_model or prompt_lookup) and (engine == "coreml" or Path(model).suffix == ".mlpackage"):
+        raise EdgertError("--draft-model and --prompt-lookup need the mlx engine")
     if prompt == "-":
         data = sys.stdin.buffer.read()
         prompt = data.decode("utf-8", "surrogateescape")
@@ -213,6 +264,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
     if not prompt.strip():
         raise EdgertError("empty prompt: give some text with -p")
     m, tok = load_with_status(model, engine)
+    draft = load_drafter(draft_model, prompt_lookup, tok)
     text = prompt
     if not raw and tok.has_chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -246,7 +298,9 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
                 click.secho(piece, nl=False, err=kind == "reasoning",
                             dim=kind == "reasoning" or None)
 
-    for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache, **sampling):
+    for r in stream_generate(m, tok, ids[cached:], max_tokens, prompt_cache=cache,
+                             draft=draft, num_draft=num_draft or 4, history=ids[:cached],
+                             **sampling):
         emit(parser.feed(r.text))
         if r.finish_reason is None:
             tokens.append(r.token)
@@ -259,12 +313,14 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
             "prompt_tokens": len(ids), "cached_tokens": cached, "generation_tokens": len(tokens),
             "prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
             "peak_memory_gb": round(last.peak_memory_gb, 3),
+            **({"draft_tokens": last.draft_tokens, "accepted_tokens": last.accepted_tokens,
+                "acceptance": round(last.acceptance or 0.0, 4)} if draft else {}),
         }, ensure_ascii=False))
     else:
         click.echo()
         click.secho(f"prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s · "
-                    f"generation {len(tokens)} tok @ {last.generation_tps:.1f} tok/s",
-                    dim=True, err=True)
+                    f"generation {len(tokens)} tok @ {last.generation_tps:.1f} tok/s"
+                    f"{summary(last)}", dim=True, err=True)
 
 
 @cli.command()
@@ -286,18 +342,22 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
               default=None, help="A prompt cache from `edgert cache-prompt` to start the prefix "
                                  "cache with.")
 @kv_options
+@speculative_options
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_cache_mb,
-          prompt_cache, kv_bits, kv_group_size, log_level):
+          prompt_cache, kv_bits, kv_group_size, draft_model, prompt_lookup, num_draft,
+          log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health; OpenAPI at /docs)."""
     from .server import serve as run_server
 
+    check_speculative(draft_model, prompt_lookup, num_draft)
     run_server(model, host, port, model_id=model_id, max_active=parallel, max_queue=max_queue,
                prefix_cache_bytes=prefix_cache_mb << 20, default_max_tokens=max_tokens,
                prompt_cache=prompt_cache, kv_bits=kv_bits, kv_group_size=kv_group_size,
-               log_level=log_level)
+               draft_model=draft_model, prompt_lookup=prompt_lookup,
+               num_draft=num_draft or 4, log_level=log_level)
 
 
 @cli.command("cache-prompt")
@@ -448,7 +508,8 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("-r", "reps", default=3, show_default=True, help="Repetitions after a warm-up.")
 @click.option("-d", "depths", default="0", callback=int_list, help="KV-cache depths, e.g. 0,512.")
 @click.option("--synthetic", default=None, help="Benchmark a random model built in quantized form: "
-              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b, qwen3-30b-a3b.")
+              "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b, qwen3-30b-a3b, "
+              "gpt-oss-20b, qwen3.5-35b-a3b.")
 @click.option("--bits", default=4, show_default=True, help="Bits for --synthetic.")
 @click.option("--group-size", default=64, show_default=True, help="Group size for --synthetic.")
 @click.option("--layers", default=None, type=int,

@@ -107,15 +107,22 @@ class Engine:
     def __init__(self, model: str | Path | None = None, *, max_active: int = 4,
                  max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
                  prefill_step_size: int = 512, prompt_cache: str | Path | None = None,
-                 kv_bits: int | None = None, kv_group_size: int = 64):
+                 kv_bits: int | None = None, kv_group_size: int = 64,
+                 draft_model: str | Path | None = None, prompt_lookup: int | None = None,
+                 num_draft: int = 4):
         from .convert.api import ensure_package
         from .coreml_engine import is_coreml_package
 
         self.coreml = is_coreml_package(model)  # served through the Core ML engine
-        if self.coreml and (kv_bits or prompt_cache is not None):
-            raise EdgertError("--kv-bits and --prompt-cache need an MLX model, not a Core ML "
-                              "package")
+        if self.coreml and (kv_bits or prompt_cache is not None or draft_model is not None
+                            or prompt_lookup is not None):
+            raise EdgertError("--kv-bits, --prompt-cache and speculative decoding need an MLX "
+                              "model, not a Core ML package")
         self.path = Path(model).expanduser() if self.coreml else ensure_package(model)
+        # speculative decoding (edgert.speculative): a draft model or prompt lookup
+        self.draft_path = None if draft_model is None else ensure_package(draft_model)
+        self.prompt_lookup, self.num_draft = prompt_lookup, num_draft
+        self.draft = None
         self.max_active, self.max_queue = max_active, max_queue
         self.prefill_step_size = prefill_step_size
         self._prefix_bytes = prefix_cache_bytes
@@ -175,6 +182,7 @@ class Engine:
                 self.model, self.config = load_model(self.path)
                 self.tokenizer = load_tokenizer(self.path)
             self.defaults = recommended_sampling(self.tokenizer.generation_config)
+            self.draft = self._load_drafter()
             from .models.cache import make_cache, quantize_kv
 
             self.prefix = PrefixCache(self.model, self._prefix_bytes, make=lambda: quantize_kv(
@@ -202,6 +210,19 @@ class Engine:
         self.model, self.tokenizer = load_coreml(self.path)
         self.config = {"max_position_embeddings": self.model.context,
                        "vocab_size": self.model.vocab_size}
+
+    def _load_drafter(self):
+        from .speculative import DraftModel, PromptLookup, check_vocabularies
+
+        if self.prompt_lookup is not None:
+            return PromptLookup(self.prompt_lookup)
+        if self.draft_path is None:
+            return None
+        from .package import load_model
+        from .tokenizer import load_tokenizer
+
+        check_vocabularies(self.tokenizer, load_tokenizer(self.draft_path))
+        return DraftModel(load_model(self.draft_path)[0])
 
     def _take(self, block: bool) -> bool:
         """Move arrived jobs into the waiting line and start waiting ones while there is room;
@@ -258,6 +279,7 @@ class Engine:
         from .generation import generate_step
         from .models.cache import trimmable
         from .sample import make_logits_processors, make_sampler
+        from .speculative import SpecStats
 
         tok, ids = self.tokenizer, job.prompt
         cache, reused = self.prefix.fetch(ids)
@@ -278,11 +300,13 @@ class Engine:
                 self._prefill(ids[reused:point], cache)
                 self.prefix.store(ids[:point], cache)
                 reused = point
+        spec = SpecStats()
         steps = generate_step(mx.array(ids[reused:], dtype=mx.uint32), self.model,
                               max_tokens=job.max_tokens, sampler=sampler,
                               logits_processors=processors, prompt_cache=cache,
                               prefill_step_size=self.prefill_step_size,
-                              on_prefilled=on_prefilled)
+                              on_prefilled=on_prefilled, draft=self.draft,
+                              num_draft=self.num_draft, history=ids[:reused], stats=spec)
         detok, stopper = tok.detokenizer(), StopStrings(job.stop)
         generated: list[int] = []  # every sampled token, a final stop token included
         finish, hit, pending_lp = "length", False, []
@@ -323,6 +347,11 @@ class Engine:
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_out,
                  "total_tokens": len(ids) + n_out,
                  "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-        log.info("prompt %d tok (%d cached), %d generated, finish %s",
-                 len(ids), cached_tokens, n_out, finish)
+        if spec.drafted:  # OpenAI's names for predicted tokens that were kept / thrown away
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": spec.accepted,
+                "rejected_prediction_tokens": spec.drafted - spec.accepted}
+        log.info("prompt %d tok (%d cached), %d generated, finish %s%s",
+                 len(ids), cached_tokens, n_out, finish,
+                 f", {spec.accepted}/{spec.drafted} drafts accepted" if spec.drafted else "")
         yield Event("done", finish_reason=finish, usage=usage)

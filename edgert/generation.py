@@ -12,6 +12,7 @@ from .errors import EdgertError
 from .models.cache import KVCache, PositionedKV, make_cache
 from .sample import make_logits_processors, make_sampler
 from .signals import raise_pending
+from .speculative import SpecStats
 
 
 def context_length(model) -> int | None:
@@ -48,6 +49,10 @@ def generate_step(
     prefill_step_size: int = 512,
     compiled: bool = True,
     on_prefilled: Callable[[list], None] | None = None,
+    draft=None,
+    num_draft: int = 4,
+    history: list[int] | None = None,
+    stats=None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, logprobs over the vocabulary) for each generated token.
 
@@ -56,6 +61,12 @@ def generate_step(
     With `compiled`, one-token steps run through `decode_forward` where the model and cache
     allow it (same tokens and logprobs, bit for bit). `on_prefilled(cache)` is called once the
     cache holds every prompt token but the last (where a chat session takes its snapshot).
+
+    With a `draft` (edgert.speculative: DraftModel or PromptLookup), tokens after the first
+    are decoded speculatively, `num_draft` drafts checked per target pass; `history` names
+    the tokens `prompt_cache` already holds (drafting looks at them too) and `stats`
+    (a speculative.SpecStats) counts drafted and accepted tokens. Where drafts cannot be
+    checked (a stateful logits processor such as a grammar) decoding is plain.
     """
     if prompt.size == 0:
         raise EdgertError("empty prompt: nothing to generate from")
@@ -93,7 +104,23 @@ def generate_step(
     if on_prefilled is not None:
         on_prefilled(cache)
 
+    session = None
+    if draft is not None and max_tokens > 1:
+        from .speculative import can_speculate, speculative_steps
+
+        if can_speculate(sampler, processors):
+            history = list(history or [])
+            session = draft.start(prefill_step_size)
+            if hasattr(session, "prefill"):  # a draft model reads the prompt as the target does
+                session.prefill(history + prompt.tolist())
     y, logprobs = step(y, first=True)
+    if session is not None:
+        yield from speculative_steps(
+            int(y.item()), logprobs, model, cache, history + prompt.tolist(), session=session,
+            num_draft=num_draft, max_tokens=max_tokens, sampler=sampler, processors=processors,
+            stats=stats if stats is not None else SpecStats(), skip=len(history),
+            forward=forward)
+        return
     mx.async_eval(y, logprobs)
     n = 0
     while n < max_tokens:
@@ -157,6 +184,13 @@ class GenerationResponse:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop", "length", or None while running
+    draft_tokens: int = 0  # speculative decoding: tokens drafted so far
+    accepted_tokens: int = 0  # ... and accepted by the target
+
+    @property
+    def acceptance(self) -> float | None:
+        """Accepted / drafted tokens (None when nothing was drafted)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
 
 def stream_generate(
@@ -176,9 +210,14 @@ def stream_generate(
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
     on_prefilled: Callable[[list], None] | None = None,
+    draft=None,
+    num_draft: int = 4,
+    history: list[int] | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding a response per token with the
-    newly completed text; stops at any of the tokenizer's stop tokens."""
+    newly completed text; stops at any of the tokenizer's stop tokens. `draft`, `num_draft`
+    and `history`: speculative decoding (see generate_step); each response counts the drafted
+    and accepted tokens."""
     if isinstance(prompt, str):
         if not prompt:
             raise EdgertError("empty prompt: nothing to generate from")
@@ -194,10 +233,12 @@ def stream_generate(
     prompt_tps = 0.0
     n = 0
     token, logprobs = None, None
+    stats = SpecStats()
     for n, (token, logprobs) in enumerate(
         generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler,
                       logits_processors=logits_processors, prompt_cache=prompt_cache,
-                      prefill_step_size=prefill_step_size, on_prefilled=on_prefilled),
+                      prefill_step_size=prefill_step_size, on_prefilled=on_prefilled,
+                      draft=draft, num_draft=num_draft, history=history, stats=stats),
         start=1,
     ):
         if n == 1:
@@ -213,6 +254,7 @@ def stream_generate(
             prompt_tokens=prompt.size, prompt_tps=prompt_tps, generation_tokens=n,
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
+            draft_tokens=stats.drafted, accepted_tokens=stats.accepted,
         )
     detok.finalize()
     gen_time = time.perf_counter() - tic
@@ -223,6 +265,7 @@ def stream_generate(
         generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         finish_reason="stop" if token in stops else "length",
+        draft_tokens=stats.drafted, accepted_tokens=stats.accepted,
     )
 
 

@@ -71,10 +71,18 @@ def categorical(logprobs: mx.array, temp: float, key=None) -> mx.array:
 
 def make_sampler(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
                  seed: int | None = None) -> Callable[[mx.array], mx.array]:
-    """logprobs (B, V) -> token ids (B,). temp 0 is greedy; a seed makes sampling repeatable."""
+    """logprobs (B, V) -> token ids (B,). temp 0 is greedy; a seed makes sampling repeatable.
+
+    The sampler also carries what speculative decoding needs to accept drafts by the rule
+    that keeps the output distribution (edgert.speculative): `temp`, `distribution(logprobs)`
+    (the logits it samples from: filtered, divided by temp) and `next_key()`."""
     check_sampling(temp, top_p, top_k, min_p)
     if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        def greedy(logprobs: mx.array) -> mx.array:
+            return mx.argmax(logprobs, axis=-1)
+
+        greedy.temp = 0.0
+        return greedy
     filters = []
     if top_k > 0:
         filters.append(partial(apply_top_k, k=top_k))
@@ -85,12 +93,20 @@ def make_sampler(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: f
     state = {"key": mx.random.key(seed if seed is not None else int.from_bytes(
         __import__("os").urandom(4), "little"))}
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def distribution(logprobs: mx.array) -> mx.array:
         for f in filters:
             logprobs = f(logprobs)
-        state["key"], sub = mx.random.split(state["key"])
-        return categorical(logprobs, temp, key=sub)
+        return logprobs * (1 / temp)
 
+    def next_key() -> mx.array:
+        state["key"], sub = mx.random.split(state["key"])
+        return sub
+
+    def sample(logprobs: mx.array) -> mx.array:
+        logits = distribution(logprobs)
+        return mx.random.categorical(logits, key=next_key())
+
+    sample.temp, sample.distribution, sample.next_key = temp, distribution, next_key
     return sample
 
 
@@ -108,6 +124,7 @@ def make_repetition_penalty(penalty: float, context_size: int = 64):
         logits[:, recent] = selected
         return logits
 
+    process.stateless = True  # a function of its arguments: speculative decoding may replay it
     return process
 
 

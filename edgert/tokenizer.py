@@ -174,6 +174,10 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None

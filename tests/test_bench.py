@@ -178,3 +178,17 @@ def test_cache_profile_counts_each_cache_kind(tmp_path):
     assert p.recurrent == 0
     assert p.bytes_read(100) == 2 * per * 100 + 2 * per * 8
     assert p.bytes_read(4) == 2 * per * 4 + 2 * per * 4
+
+
+@pytest.mark.parametrize("name, total, active", [
+    ("gpt-oss-20b", 20.91e9, 3.61e9),  # OpenAI's model card: 20.91B total, 3.61B active
+    ("qwen3.5-35b-a3b", 35e9, 3e9),  # Qwen's model card: 35B in total, 3B activated
+])
+def test_synthetic_moe_shapes_match_the_model_cards(name, total, active):
+    """The synthetic MoE shapes (built lazily: nothing evaluated) have the published parameter
+    counts: all weights, and the ones a token reads (k of E experts) without the input
+    embedding, as the cards count them."""
+    model = bench._build(bench.SYNTHETIC[name])
+    embed = model.model.embed_tokens.weight.size
+    assert bench.weight_bytes(model) // 4 == pytest.approx(total, rel=0.02)  # cards round
+    assert bench.active_weight_bytes(model) // 4 - embed == pytest.approx(active, rel=0.02)

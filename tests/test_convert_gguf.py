@@ -460,8 +460,8 @@ def test_requantize_takes_what_gguf_py_dequantizes(tmp_path):
     """--requantize lets through any type gguf-py can dequantize (NVFP4 here, which has no MLX
     mapping), held to gguf-py's dequantization; a type gguf-py cannot read (Q8_K) is refused
     up front, naming the tensor."""
-    src = tmp_path / "nvfp4.gguf"
-    tiny_gguf(src, layers=1, types={"blk.0.ffn_down.weight": T.NVFP4})
+    src = tmp_path / "nvfp4.gguf"  # ffn 128: whole NVFP4 blocks of 64 per row
+    tiny_gguf(src, layers=1, ffn=128, types={"blk.0.ffn_down.weight": T.NVFP4})
     assert_refused(src, tmp_path, "blk.0.ffn_down.weight has type NVFP4", kind=UnsupportedError)
     raw = next(t for t in gguf.GGUFReader(src).tensors if t.name == "blk.0.ffn_down.weight")
     ref = gguf.quants.dequantize(raw.data, T.NVFP4)

@@ -385,11 +385,44 @@ def test_qwen3_next_dense_matches_transformers(tmp_path):
         assert rel_err(step, ref[0, t]) < 1e-4
 
 
-def test_qwen3_next_experts_refused():
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qwen3_next_moe_matches_transformers(tmp_path, norm_topk_prob):
+    """Qwen3-Next with routed experts and a shared expert on layers 0, 1 and 3 (layer 2 dense,
+    mlp_only_layers): logits within 1e-4 of transformers, top-1 identical; cached decode
+    equals the uncached run; sorting tokens by expert changes nothing."""
+    from test_moe import set_sorting
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3NextConfig(**NEXT, mlp_only_layers=[2], norm_topk_prob=norm_topk_prob)
+    hf = transformers.Qwen3NextForCausalLM(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith(("dt_bias", "A_log")):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "experts" in n or n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    model, config = load_model(convert_file(tmp_path / "hf", tmp_path / "pkg", bits=0,
+                                            progress=False))
+    assert [type(layer.mlp).__name__ for layer in model.layers] == [
+        "SparseMoeBlock", "SparseMoeBlock", "MLP", "SparseMoeBlock"]
+    ref = hf_logits(hf, IDS[:, :40])
+    out = np.array(model(mx.array(IDS[:, :40])))
+    assert rel_err(out, ref) < 1e-4 and (out.argmax(-1) == ref.argmax(-1)).all()
+    cache = make_cache(model)
+    model(mx.array(IDS[:, :30]), cache=cache)
+    for t in range(30, 40):
+        step = np.array(model(mx.array(IDS[:, t : t + 1]), cache=cache))[0, 0]
+        assert rel_err(step, ref[0, t]) < 1e-4
+    set_sorting(model, False)
+    assert rel_err(np.array(model(mx.array(IDS[:, :40]))), out) < 1e-6
+
+
+def test_qwen3_next_bad_expert_config():
     from edgert.models import get_classes
 
-    cfg = dict(NEXT, model_type="qwen3_next", mlp_only_layers=[0, 2])
-    with pytest.raises(EdgertError, match=r"mixture-of-experts layers \[1, 3\]"):
+    cfg = dict(NEXT, model_type="qwen3_next", num_experts_per_tok=5)
+    with pytest.raises(EdgertError, match="num_experts_per_tok 5 must be between 1 and"):
         get_classes("qwen3_next")[1].from_dict(cfg)
 
 

@@ -22,7 +22,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, causal_mask, embed
+from ..errors import EdgertError
+from .base import BaseModelArgs, GGUFSpec, causal_mask, embed
 from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
 from .switch import SwitchGLU, check_experts
@@ -249,3 +250,64 @@ def quant_policy(name: str, shape: tuple, config: dict):
         return {"bits": 8, "group_size": 64}
     return None
 
+
+
+# ------------------------------------------------------------------ GGUF (llama.cpp "gpt-oss")
+#
+# llama.cpp's converter (conversion/gpt_oss.py) splits gate_up_proj's alternate rows into
+# ffn_gate_exps / ffn_up_exps (E, I, H) and their biases, transposes float experts to
+# (E, out, in), renames sinks to attn_sinks.weight and repacks MXFP4 blocks as ggml's
+# block_mxfp4 (edgert maps those onto MLX's mxfp4 exactly). q/k keep HF's row order (NEOX
+# rope), so no tensor needs a value transform.
+
+GGUF_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.router",
+    "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+
+
+def _sliding_layers(meta, n: int) -> list[bool]:
+    """llama.cpp's swa pattern: a per-layer flag array, or every n-th layer full (n = 2 for
+    gpt-oss, sliding first)."""
+    pattern = meta.get("attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):
+        if len(pattern) < n:
+            raise EdgertError(f"{meta.arch}.attention.sliding_window_pattern has "
+                              f"{len(pattern)} entries for {n} layers")
+        return [bool(x) for x in pattern[:n]]
+    p = int(pattern)
+    return [p == 0 or i % p < p - 1 for i in range(n)]
+
+
+def gguf_config(meta, config: dict) -> dict:
+    """Experts, the sliding window and its layer pattern, yarn's betas. The GGUF does not say
+    whether yarn's correction range is truncated (llama.cpp always rounds it outwards); the
+    published gpt-oss configs say `truncate: false`, which is what this reads, so that a GGUF
+    and the HF checkpoint it came from make the same package (measured on a random model with
+    factor 4: llama.cpp's logits 2.7e-3 from edgert's, 4.6e-4 with truncation on)."""
+    n = config["num_hidden_layers"]
+    sliding = _sliding_layers(meta, n)
+    rope = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
+    if (scaling := config.pop("rope_scaling", None)):
+        if scaling["rope_type"] == "yarn":
+            scaling |= {"beta_fast": meta.f32("rope.scaling.yarn_beta_fast", 32.0),
+                        "beta_slow": meta.f32("rope.scaling.yarn_beta_slow", 1.0),
+                        "truncate": False}
+        rope |= scaling
+    config = {k: v for k, v in config.items() if k != "attention_bias"}
+    config |= {
+        "intermediate_size": int(meta.need("expert_feed_forward_length")),
+        "num_local_experts": int(meta.need("expert_count")),
+        "num_experts_per_tok": int(meta.need("expert_used_count")),
+        "sliding_window": int(meta.need("attention.sliding_window")),
+        "layer_types": [SLIDING if s else FULL for s in sliding],
+        "rope_parameters": rope,
+    }
+    return hf_config(config)
+
+
+GGUF = GGUFSpec("gpt-oss", "GptOssForCausalLM", GGUF_TENSORS, config=gguf_config,
+                leaves={"attn_sinks.weight": "self_attn.sinks"}, default_rope_theta=150000.0)

@@ -44,6 +44,9 @@ def main() -> None:
     reports = {}
     for name in (args.model, args.dense):
         reports[name] = bench.run_bench(synthetic=name, bits=args.bits, n_prompt=[],  # decode only
+                                        on_result=lambda r, name=name: print(
+                                            f"{name} {r.test} @ d{r.depth}: "
+                                            f"{r.mean:.2f} tok/s", flush=True),
                                         n_gen=[args.n_gen], reps=args.reps, depths=depths)
     print(f"| model | {' | '.join(f'tg{args.n_gen} @ d{d}' for d in depths)} | "
           f"d{depths[-1]} / d{depths[0]} |")

@@ -931,6 +931,7 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
             raise EdgertError(f"{out}: writing the Core ML package failed ({e} Is the disk "
                               "full?); nothing was left behind") from e
         t_convert = time.time() - t_convert
+        raise_pending()  # an interrupt coremltools swallowed while saving: the package is partial
 
         if progress:
             progress("measuring bits per weight", 0, 0)

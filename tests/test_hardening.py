@@ -195,6 +195,9 @@ def test_stale_partials_of_dead_processes_are_swept(tiny_src, tmp_path):
 @pytest.fixture
 def signal_policy():
     saved = {s: signal.getsignal(s) for s in signals.POLICY}
+    # a suite started in the background (nohup, `cmd &`) inherits SIGINT ignored, which
+    # install() rightly keeps; these tests are about the handler, so start from the default
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signals.install()
     yield
     for s, h in saved.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import EdgertError
+from .tokenizer import held_back
 
 log = logging.getLogger("edgert.server")
 
@@ -72,8 +73,7 @@ class StopStrings:
         if cut >= 0:
             self.held = ""
             return buf[:cut], True
-        hold = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
-                    if buf.endswith(s[:k])), default=0)
+        hold = held_back(buf, self.stops)
         self.held = buf[len(buf) - hold:] if hold else ""
         return buf[:len(buf) - hold], False
 

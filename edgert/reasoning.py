@@ -19,6 +19,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from .tokenizer import held_back
+
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 HARMONY_ENDS = ("<|end|>", "<|return|>", "<|call|>")
 HEADER_STARTS = (CHANNEL, "to=", CONSTRAIN, START)  # what a message header after <|start|>ROLE opens with
@@ -53,15 +55,6 @@ class Header:
         if self.recipient and self.recipient.startswith("functions."):
             return "tool"
         return "reasoning" if self.channel == "analysis" else "content"
-
-
-def _held_back(text: str, markers: tuple[str, ...]) -> int:
-    """How many trailing characters of `text` could begin one of `markers` (kept until the
-    next piece says whether they do)."""
-    for n in range(min(len(text), max(map(len, markers)) - 1), 0, -1):
-        if any(m.startswith(text[-n:]) for m in markers):
-            return n
-    return 0
 
 
 @dataclass
@@ -124,7 +117,7 @@ class ReasoningParser:
                 self._buf = self._buf[i + len(m):]
                 self._role_given = False
                 continue
-            keep = 0 if final else _held_back(self._buf, HARMONY_ENDS)
+            keep = 0 if final else held_back(self._buf, HARMONY_ENDS)
             self._emit(out, self._buf[:len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             break
@@ -182,7 +175,7 @@ class ReasoningParser:
                 self._buf, self._state, self._trim = self._buf[at + len(THINK_CLOSE):], "content", True
                 continue
             # hold back what may begin </think>, and trailing newlines that may precede it
-            keep = 0 if final else _held_back(self._buf, (THINK_CLOSE,))
+            keep = 0 if final else held_back(self._buf, (THINK_CLOSE,))
             body = self._buf[:len(self._buf) - keep]
             if not final:
                 keep += len(body) - len(body.rstrip("\n"))

@@ -57,6 +57,15 @@ def _ids(v) -> list[int]:
     return [] if v is None else list(v) if isinstance(v, list) else [v]
 
 
+def held_back(text: str, markers) -> int:
+    """How many trailing characters of `text` could begin one of `markers` without being
+    one whole (kept back from a stream until the next piece says whether they do)."""
+    for n in range(min(len(text), max(map(len, markers), default=1) - 1), 0, -1):
+        if any(m.startswith(text[-n:]) for m in markers):
+            return n
+    return 0
+
+
 class StreamingDetokenizer:
     """Token ids in, one at a time; text out as soon as it is final.
 

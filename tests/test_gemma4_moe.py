@@ -153,3 +153,53 @@ def test_4bit_package_matches_transformers_on_its_weights(packages):
     out = edgert_logits(model, PROMPT)
     assert rel_err(out, ref) < 1e-4
     assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_multimodal_wrapper_gives_the_text_models_logits(tmp_path):
+    """The `gemma4` wrapper (text_config with the MoE block, vision and audio towers): the
+    package is its text model, towers left out, with the wrapper's logits."""
+    from test_gemma4 import _tiny_audio
+
+    torch.manual_seed(0)
+    vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=2, head_dim=16)
+    cfg = transformers.Gemma4Config(text_config=transformers.Gemma4TextConfig(**moe_config()),
+                                    vision_config=vision,
+                                    audio_config=transformers.Gemma4AudioConfig(**_tiny_audio()))
+    wrapper = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    randomize_moe(wrapper)
+    wrapper.save_pretrained(tmp_path / "hf")
+    pkg = convert_file(tmp_path / "hf", tmp_path / "pkg", bits=0, progress=False)
+    model, config = load_model(pkg)
+    assert config["model_type"] == "gemma4_text" and config["num_experts_per_tok"] == K
+    source = json.loads((pkg / "edgert.json").read_text())["source"]
+    assert "tensors left out" in source["dropped"] and "audio_tower" in source["dropped"]
+    names = json.loads((pkg / "edgert.json").read_text())["tensors"]
+    assert not any("tower" in n or "language_model" in n for n in names)
+    with torch.no_grad():
+        ref = wrapper(input_ids=torch.tensor(PROMPT)).logits[0].numpy()
+    out = edgert_logits(model, PROMPT)
+    assert rel_err(out, ref) < 1e-4
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_mlx_lm_loads_the_packages_with_the_same_logits(packages, bits):
+    """mlx-lm 0.32's gemma4_text (its Router / Experts / switch_glu) loads the packages; float16
+    scales widened to float32 on its side as edgert does on the CPU (see test_gemma4)."""
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    pkg = packages[bits]
+    ours, _ = load_model(pkg)
+    theirs, _ = mlx_lm_load(pkg)
+    assert theirs.layers[0].enable_moe
+    theirs.update(tree_map_with_path(
+        lambda p, v: v.astype(mx.float32) if p.endswith((".scales", ".biases")) else v,
+        theirs.parameters()))
+    a = edgert_logits(ours, PROMPT)
+    b = np.array(theirs(mx.array(PROMPT))[0].astype(mx.float32))
+    print(f"gemma4 MoE {bits}-bit: edgert vs mlx-lm {rel_err(a, b):.2e}")
+    assert rel_err(a, b) < 1e-4
+    assert (a.argmax(-1) == b.argmax(-1)).all()

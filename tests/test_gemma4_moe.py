@@ -203,3 +203,118 @@ def test_mlx_lm_loads_the_packages_with_the_same_logits(packages, bits):
     print(f"gemma4 MoE {bits}-bit: edgert vs mlx-lm {rel_err(a, b):.2e}")
     assert rel_err(a, b) < 1e-4
     assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+# ------------------------------------------------------------------ GGUF from llama.cpp's tools
+
+GGUF_KINDS = ("Q8_0", "Q4_K_M")  # llama-quantize; at width 64 Q4_K_M's experts fall back to
+# Q5_0 / Q8_0 (K-quants need rows of 256)
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    """(transformers model, {"F32" | quant type: GGUF}): the random MoE model (with the tiny
+    Gemma tokenizer) through llama.cpp's convert_hf_to_gguf.py, then llama-quantize."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from test_gemma4 import GGUF_VOCAB, save_tokenizer
+    from test_moe_gguf_families import quantize
+    from testdata import data_file
+
+    root = tmp_path_factory.mktemp("g4moegguf")
+    with tarfile.open(data_file("llama_cpp_python-0.3.36.tar.gz")) as t:
+        members = [m for m in t.getmembers() if "/vendor/llama.cpp/" in m.name and any(
+            s in m.name for s in ("/convert_hf_to_gguf.py", "/conversion/", "/gguf-py/"))]
+        t.extractall(root / "src", members=members, filter="data")
+    converter = next((root / "src").glob("*/vendor/llama.cpp"))
+    hf = save_moe_model(root / "hf", vocab_size=GGUF_VOCAB, vocab_size_per_layer_input=GGUF_VOCAB)
+    save_tokenizer(root / "hf")
+    files = {"F32": root / "F32.gguf"}
+    p = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(root / "hf"),
+                        "--outfile", str(files["F32"]), "--outtype", "f32"], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(converter / "gguf-py")))
+    assert p.returncode == 0, p.stderr[-2000:]
+    for kind in GGUF_KINDS:
+        files[kind] = quantize(files["F32"], root / f"{kind}.gguf", kind)
+    return hf, files
+
+
+def test_gguf_f32_matches_transformers(ggufs, tmp_path):
+    """llama.cpp's converter writes the MoE block (ffn_gate_inp + .scale, ffn_gate_up_exps,
+    ffn_down_exps + .scale, the three extra norms); its F32 file gives transformers' logits."""
+    import gguf
+
+    hf, files = ggufs
+    names = {t.name for t in gguf.GGUFReader(files["F32"]).tensors}
+    assert {"blk.0.ffn_gate_up_exps.weight", "blk.0.ffn_down_exps.scale",
+            "blk.0.ffn_gate_inp.scale", "blk.0.pre_ffw_norm_2.weight"} <= names
+    model, config = load_model(convert_file(files["F32"], tmp_path / "pkg", progress=False))
+    assert (config["num_experts"], config["top_k_experts"], config["moe_intermediate_size"]) == (
+        E, K, MOE_I)
+    ref, out = hf_logits(hf, PROMPT), edgert_logits(model, PROMPT)
+    print(f"gemma4 MoE F32 GGUF: edgert vs transformers {rel_err(out, ref):.2e}")
+    assert rel_err(out, ref) < 1e-4
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+    assert rel_err(cached_logits(model, PROMPT, 24), out) < 1e-5
+
+
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_gguf_every_tensor_against_gguf_py(ggufs, tmp_path, kind):
+    """Each tensor of the quantized file, dequantized by gguf-py (fused gate_up cut in its row
+    halves), is the package's tensor: bit for bit where the type maps exactly, within the
+    reported error where edgert re-quantizes (Q6_K)."""
+    import gguf
+
+    from edgert.convert.gguf_reader import hf_names
+
+    _, files = ggufs
+    pkg = convert_file(files[kind], tmp_path / "pkg", progress=False)
+    report = json.loads((pkg / "edgert.json").read_text())["tensors"]
+    ours = {k: v.numpy() for k, v in dequantized_state_dict(pkg).items()}
+    types = set()
+    for t in gguf.GGUFReader(files[kind]).tensors:
+        if t.name == "rope_freqs.weight":  # read into the config
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        names = hf_names(t.name, "gemma4_text")
+        for name, want in zip(names, np.split(ref, len(names), axis=-2) if len(names) > 1
+                              else [ref]):
+            entry, got = report[name], ours[name].reshape(want.shape)
+            if entry["class"] == "requantized":
+                assert np.abs(got - want).max() <= entry["max_abs_error"] * (1 + 1e-6), name
+            else:
+                assert entry["class"] in ("exact", "f32-scales exact", "float"), (name, entry)
+                assert np.array_equal(got, want), name
+        if "_exps.weight" in t.name:
+            types.add(t.tensor_type.name)
+    print(kind, "experts:", sorted(types))
+    assert types == {"Q8_0": {"Q8_0"}, "Q4_K_M": {"Q5_0", "Q8_0"}}[kind]
+
+
+def test_gguf_matches_llama_cpp(ggufs, tmp_path):
+    """llama.cpp's logits through the llama_cpp binding, on its F32 file and on its own
+    dequantization of the quantized ones (its float path; llama.cpp keeps the KV cache in
+    float16): within 1% of the largest logit (measured 0.2%), top-1 identical everywhere."""
+    import os
+
+    from test_gemma4 import llama_cpp_logits
+    from test_moe_gguf import float_copy
+    from testdata import data_file
+
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(data_file("llama.cpp/lib/libllama.so").parent)
+    import llama_cpp
+
+    _, files = ggufs
+    for kind, path in files.items():
+        ours = edgert_logits(load_model(convert_file(path, tmp_path / kind, progress=False))[0],
+                             PROMPT)
+        if kind != "F32":
+            float_copy(path, path := tmp_path / f"{kind}-float.gguf")
+        theirs = llama_cpp_logits(llama_cpp, path, PROMPT[0].tolist())
+        print(f"gemma4 MoE {kind}: edgert vs llama.cpp {rel_err(ours, theirs):.2e}")
+        assert rel_err(ours, theirs) < 1e-2, kind
+        assert (ours.argmax(-1) == theirs.argmax(-1)).all(), kind

@@ -616,8 +616,6 @@ def gguf_config(meta, config: dict) -> dict:
         if freqs.size != hd_full // 2 or not np.all((freqs == 1) | (freqs >= 1e29)):
             raise UnsupportedError("gemma4 rope_freqs other than proportional rope")
         rot = 2 * int((freqs == 1).sum()) / hd_full
-    if meta.get("expert_count"):
-        raise UnsupportedError("Gemma 4 MoE GGUFs are not supported yet")
     drop = ("hidden_act", "rope_theta", "rope_scaling", "attention_bias")
     config = {k: v for k, v in config.items() if k not in drop}
     config.update({
@@ -643,6 +641,10 @@ def gguf_config(meta, config: dict) -> dict:
         "final_logit_softcapping": meta.f32("final_logit_softcapping"),
         "hidden_activation": "gelu_pytorch_tanh",
     })
+    if meta.get("expert_count"):  # the MoE block (26B-A4B), on every layer
+        config.update({"enable_moe_block": True, "num_experts": int(meta.need("expert_count")),
+                       "top_k_experts": int(meta.need("expert_used_count")),
+                       "moe_intermediate_size": int(meta.need("expert_feed_forward_length"))})
     return hf_config(config)
 
 
@@ -656,8 +658,18 @@ GGUF = GGUFSpec(
         "post_attention_norm": "post_attention_layernorm",
         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
         "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
-        "post_norm": "post_per_layer_input_norm"},
-    leaves={"layer_output_scale.weight": "layer_scalar"},  # a bare parameter, stored as .weight
+        "post_norm": "post_per_layer_input_norm",
+        # the MoE block: router, experts (numpy (E, out, in), as switch_glu holds them; the
+        # converter writes gate_up_proj fused, gate rows then up rows), its three norms
+        "ffn_gate_inp": "router.proj", "ffn_down_exps": "experts.switch_glu.down_proj",
+        "ffn_gate_up_exps": ("experts.switch_glu.gate_proj", "experts.switch_glu.up_proj"),
+        "ffn_gate_exps": "experts.switch_glu.gate_proj",
+        "ffn_up_exps": "experts.switch_glu.up_proj",
+        "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+        "post_ffw_norm_1": "post_feedforward_layernorm_1",
+        "post_ffw_norm_2": "post_feedforward_layernorm_2"},
+    leaves={"layer_output_scale.weight": "layer_scalar",  # bare parameters
+            "ffn_gate_inp.scale": "router.scale", "ffn_down_exps.scale": "router.per_expert_scale"},
     config=gguf_config,
     global_tensors={"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                     "output": "lm_head", "per_layer_token_embd": "model.embed_tokens_per_layer",

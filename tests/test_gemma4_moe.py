@@ -318,3 +318,54 @@ def test_gguf_matches_llama_cpp(ggufs, tmp_path):
         print(f"gemma4 MoE {kind}: edgert vs llama.cpp {rel_err(ours, theirs):.2e}")
         assert rel_err(ours, theirs) < 1e-2, kind
         assert (ours.argmax(-1) == theirs.argmax(-1)).all(), kind
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_moe_checkpoints(hf_moe, tmp_path):
+    """An expert count the tensors contradict, top-k above the expert count, a missing router:
+    one line on the CLI, non-zero exit, nothing written."""
+    from test_cli import assert_one_line_error, run
+    from test_moe import broken
+
+    folder, _ = hf_moe
+    cases = {
+        "count": (dict(config={"num_experts": 16}), ["8 experts in the checkpoint", "says 16"]),
+        "topk": (dict(config={"top_k_experts": 9}), ["top_k_experts 9", "expert count 8"]),
+        "router": (dict(drop="model.layers.3.router.proj.weight"),
+                   ["no model.layers.3.router.proj.weight"]),
+    }
+    for name, (change, words) in cases.items():
+        src = broken(folder, tmp_path / name, **change)
+        assert_one_line_error(run("convert", str(src), "-o", str(tmp_path / f"{name}.out"),
+                                  env_home=tmp_path), *words)
+        assert not (tmp_path / f"{name}.out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_moe_gguf(ggufs, tmp_path):
+    """A GGUF whose expert_count the tensors contradict, or whose expert_used_count exceeds
+    it: a one-line error naming it, nothing written."""
+    from test_moe_gguf_families import with_value
+
+    _, files = ggufs
+    cases = {
+        "count": (with_value(files["F32"], tmp_path / "count.gguf", "gemma4.expert_count", 16),
+                  ["in the file", "from its metadata", "16"]),
+        "topk": (with_value(files["F32"], tmp_path / "topk.gguf", "gemma4.expert_used_count", 9),
+                 ["top_k_experts 9", "expert count 8"]),
+    }
+    for what, (path, words) in cases.items():
+        with pytest.raises(EdgertError) as e:
+            convert_file(path, tmp_path / f"{what}-pkg", progress=False)
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+        assert not (tmp_path / f"{what}-pkg").exists()
+
+
+def test_moe_needs_its_expert_width(packages, tmp_path):
+    dst = shutil.copytree(packages[0], tmp_path / "p")
+    cfg = json.loads((dst / "config.json").read_text()) | {"moe_intermediate_size": None}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgertError, match="enable_moe_block needs a positive moe_intermediate_size"):
+        load_model(dst)

@@ -369,3 +369,38 @@ def test_moe_needs_its_expert_width(packages, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EdgertError, match="enable_moe_block needs a positive moe_intermediate_size"):
         load_model(dst)
+
+
+# ------------------------------------------------------------------ info and bench
+
+
+def test_info_counts_total_and_active_parameters(packages):
+    """`edgert info`: every parameter, and those a token reads (k of E experts)."""
+    from edgert.info import package_info
+
+    from test_cli import run
+
+    s = package_info(packages[4])
+    experts = 8 * 3 * E * MOE_I * 64  # 8 layers, gate/up/down
+    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**moe_config()))
+    scalars = sum(b.numel() for n, b in hf.named_buffers() if n.endswith("layer_scalar"))
+    assert s["parameters"] == sum(p.numel() for p in hf.parameters()) + scalars
+    assert s["active_parameters"] == s["parameters"] - experts + experts * K // E
+    assert s["experts"] == f"{K} of {E}"
+    info = run("info", str(packages[4]), env_home=packages[4].parent)
+    assert info.returncode == 0 and "active parameters" in info.stdout and "2 of 8" in info.stdout
+
+
+def test_synthetic_26b_a4b_shape_matches_the_model_card():
+    """The synthetic Gemma 4 26B-A4B (built lazily: nothing evaluated) has the published
+    counts: 25.2 B parameters, 3.8 B active per token (Google counts the tied embedding); its
+    cut keeps the 5:1 sliding pattern."""
+    from edgert import bench
+
+    model = bench._build(bench.SYNTHETIC["gemma4-26b-a4b"])
+    assert bench.weight_bytes(model) // 4 == pytest.approx(25.2e9, rel=0.01)
+    assert bench.active_weight_bytes(model) // 4 == pytest.approx(3.8e9, rel=0.01)
+    assert [layer.layer_type for layer in model.layers].count("full_attention") == 5
+    cut = bench._build(bench.SYNTHETIC["gemma4-26b-a4b"], layers=6)
+    assert [layer.layer_type for layer in cut.layers][-2:] == ["sliding_attention",
+                                                                "full_attention"]

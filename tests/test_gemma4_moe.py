@@ -404,3 +404,13 @@ def test_synthetic_26b_a4b_shape_matches_the_model_card():
     cut = bench._build(bench.SYNTHETIC["gemma4-26b-a4b"], layers=6)
     assert [layer.layer_type for layer in cut.layers][-2:] == ["sliding_attention",
                                                                 "full_attention"]
+
+
+def test_coreml_refuses_the_moe_block(hf_moe, tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    folder, _ = hf_moe
+    assert_one_line_error(run("convert", str(folder), "--to", "coreml", "-o",
+                              str(tmp_path / "m.mlpackage"), env_home=tmp_path),
+                          "mixture-of-experts", "gemma4_text")
+    assert not (tmp_path / "m.mlpackage").exists()

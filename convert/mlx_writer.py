@@ -7,8 +7,9 @@
 
 A quantized tensor `X.weight` is stored as `X.weight` (uint32 w_q), `X.scales`, `X.biases`;
 float tensors keep their dtype. Tensors are written in the architecture's package layout
-(its `package_tensors`, where it has one). The package is built in a temporary sibling folder and moved
-into place with os.replace once complete, so an interrupted conversion leaves nothing behind.
+(its `package_tensors`, where it has one). The package is built in a temporary sibling
+folder and moved into place with os.replace once complete, so an interrupted conversion
+leaves nothing behind.
 """
 
 from __future__ import annotations

@@ -132,3 +132,19 @@ def test_a_package_as_source_keeps_its_layout(checkpoint, tmp_path):
     a, b = load_model(first)[0], load_model(again)[0]
     assert np.array_equal(np.array(a(mx.array(IDS))), np.array(b(mx.array(IDS))))
     assert rel_err(mlx_lm_logits(again), np.array(b(mx.array(IDS)))) < 1e-4
+
+
+def test_yarn_rope_reaches_mlx_lm(tmp_path):
+    """A YaRN rope (transformers 5 keeps it in rope_parameters) is also the package's top-level
+    rope_scaling, which mlx-lm reads: transformers, edgert and mlx-lm agree (1e-4)."""
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+            "factor": 8.0, "original_max_position_embeddings": 16}
+    torch.manual_seed(0)
+    hf = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(
+        **dict(CONFIG, rope_parameters=yarn))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    package = convert_file(tmp_path / "hf", tmp_path / "pkg", bits=0, progress=False)
+    assert json.loads((package / "config.json").read_text())["rope_scaling"]["factor"] == 8.0
+    got = np.array(load_model(package)[0](mx.array(IDS)))
+    assert rel_err(got, hf_logits(hf, IDS)) < 1e-4
+    assert rel_err(got, mlx_lm_logits(package)) < 1e-4

@@ -141,6 +141,9 @@ def head_logits(model: nn.Module, h: mx.array, softcap: float | None = None) -> 
 #   hf_config(config) -> dict              (optional) the config stored in the package
 #   quant_policy(name, shape, config)      (optional) False: keep float; {"bits", "group_size"}: that
 #                                          layout; None: the default (float sources being quantized)
+#   package_tensors(records, config)       (optional, the MLX writer) the canonical records (HF
+#                                          convention) -> the package's: the layout mlx-lm's model
+#                                          loads as it is; Model.sanitize reads it back
 #   GGUF = GGUFSpec(...)                   (optional) how llama.cpp stores it
 #   COREML_GRAPH = "llama"                 (optional) the Core ML writer's graph that serves it
 

@@ -413,3 +413,30 @@ def test_coreml_refuses_the_moe_block(hf_moe, tmp_path):
                               str(tmp_path / "m.mlpackage"), env_home=tmp_path),
                           "mixture-of-experts", "gemma4_text")
     assert not (tmp_path / "m.mlpackage").exists()
+
+
+def test_gguf_with_gate_and_up_apart(ggufs, tmp_path):
+    """llama.cpp's gemma4 loader (src/models/gemma4.cpp) also takes ffn_gate_exps / ffn_up_exps
+    apart (its converter writes them fused): such a file (rewritten by gguf-py) makes the same
+    package, bit for bit."""
+    from test_moe_gguf import rewrite
+
+    _, files = ggufs
+
+    def split(r):
+        for t in r.tensors:
+            a = np.asarray(t.data, np.float32).reshape([int(d) for d in reversed(t.shape.tolist())])
+            if ".ffn_gate_up_exps." in t.name:
+                gate, up = np.split(a, 2, axis=-2)
+                yield t.name.replace("gate_up_exps", "gate_exps"), np.ascontiguousarray(gate)
+                yield t.name.replace("gate_up_exps", "up_exps"), np.ascontiguousarray(up)
+            else:
+                yield t.name, a
+
+    rewrite(files["F32"], tmp_path / "split.gguf", split)
+    a = mx.load(str(convert_file(tmp_path / "split.gguf", tmp_path / "a", progress=False)
+                    / "model.safetensors"))
+    b = mx.load(str(convert_file(files["F32"], tmp_path / "b", progress=False)
+                    / "model.safetensors"))
+    assert sorted(a) == sorted(b) and "model.layers.0.experts.switch_glu.up_proj.weight" in a
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

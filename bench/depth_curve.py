@@ -114,19 +114,29 @@ def main() -> None:
         cells = " | ".join(f"{med[n][d]:.2f}" for d in depths)
         print(f"| {n} ({models[n][2] / 2**20:.0f} MiB) | {cells} | "
               f"{med[n][depths[-1]] / med[n][depths[0]]:.2f} |")
+    # each repetition's two runs were back to back: their ratio cancels the machine's load
+    paired = {d: statistics.median(a / b for a, b in zip(rates[names[0]][d], rates[names[1]][d]))
+              for d in depths}
+    print(f"| {names[0]} ÷ {names[1]}, median of paired repetitions | "
+          f"{' | '.join(f'{paired[d]:.2f}' for d in depths)} | "
+          f"{paired[depths[-1]] / paired[depths[0]]:.2f} |")
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         for n in names:
             ax.plot(depths, [med[n][d] for d in depths], marker="o", label=n)
-        ax.set(xlabel="depth (tokens already in the context)", ylabel="decode tok/s",
+        ax.set(xlabel="depth (tokens already in the context)", ylabel="decode tok/s (median)",
                title=f"decode against depth, {args.bits}-bit, {bench.mx.default_device()}")
         ax.set_ylim(bottom=0)
         ax.legend()
+        ax2.plot(depths, [paired[d] for d in depths], marker="o", color="C2")
+        ax2.axhline(1.0, color="grey", linewidth=0.8)
+        ax2.set(xlabel="depth (tokens already in the context)",
+                ylabel=f"{names[0]} ÷ {names[1]} tok/s", title="paired repetitions (median)")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")

@@ -59,6 +59,9 @@ def load_with_status(model: str | None, engine: str | None = None):
     """(model, tokenizer) for `engine` "mlx" or "coreml" (default: coreml for a .mlpackage)."""
     from rich.console import Console
 
+    from .hub import local_path
+
+    model = local_path(model)  # a Hugging Face repo id: its local copy
     if engine is None:
         from .coreml_engine import is_coreml_package
 

@@ -112,7 +112,9 @@ class Engine:
                  num_draft: int = 4):
         from .convert.api import ensure_package
         from .coreml_engine import is_coreml_package
+        from .hub import local_path
 
+        model = local_path(model)  # a repo id: its local copy (a Core ML one is told apart)
         self.coreml = is_coreml_package(model)  # served through the Core ML engine
         if self.coreml and (kv_bits or prompt_cache is not None or draft_model is not None
                             or prompt_lookup is not None):

@@ -117,13 +117,16 @@ class Batch:
         mx.eval([bl.state for bl in self.layers])
         self.rows.append(row)
 
+    def _index(self, row) -> int:
+        return next(i for i, r in enumerate(self.rows) if r is row)
+
     def row_cache(self, row) -> list[KVCache]:
-        b = self.rows.index(row)
+        b = self._index(row)
         return [bl.row(b) for bl in self.layers]
 
     def remove(self, row) -> None:
         """Drop `row`; columns that are padding in every remaining row go too."""
-        b = self.rows.index(row)
+        b = self._index(row)
         self.rows.pop(b)
         if not self.rows:
             self.layers = None

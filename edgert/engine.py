@@ -118,7 +118,7 @@ class Engine:
     """Loads a model on its own thread and serves `Job`s there."""
 
     def __init__(self, model: str | Path | None = None, *, max_active: int = 4,
-                 max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
+                 batch: bool = True, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
                  prefill_step_size: int = 512, prompt_cache: str | Path | None = None,
                  kv_bits: int | None = None, kv_group_size: int = 64,
                  draft_model: str | Path | None = None, prompt_lookup: int | None = None,
@@ -146,6 +146,7 @@ class Engine:
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._waiting: deque[Job] = deque()
         self._active: list[tuple[Job, Iterator]] = []  # turn-taking jobs
+        self._want_batch = batch  # False: turn-taking even where the model could batch
         self._batch = None  # edgert.batching.Batch, where the model batches
         self.max_batch = self.batched_steps = 0  # the largest batch reached; steps run
         self._ready = threading.Event()
@@ -213,8 +214,8 @@ class Engine:
                 log.info("prompt cache %s: %d tokens", self._prompt_cache, n)
             from .batching import Batch, batchable
 
-            if not self.coreml and self.draft is None and not self.kv_bits and batchable(
-                    self.model):
+            if (self._want_batch and not self.coreml and self.draft is None
+                    and not self.kv_bits and batchable(self.model)):
                 self._batch = Batch()
         except Exception as e:  # reported to the constructor
             self._load_error = e

@@ -383,6 +383,9 @@ class Engine:
 
         ids = job.prompt
         cache, reused = self.prefix.fetch(ids)
+        if len(ids) - reused <= 1 and cache[0].offset == 0:  # nothing to join the batch with
+            self._active.append((job, self._generate(job)))
+            return
         sampler, processors = self._sampling(job)
         room = check_prompt_length(self.model, len(ids) - reused, cache)
         self._prefill(ids[reused:-1], cache)

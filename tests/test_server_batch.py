@@ -84,7 +84,7 @@ def stream_text(client, question: str, n: int, stop_after: int | None = None) ->
 
 def test_concurrent_greedy_streams_each_equal_generate_alone(served, alone):
     url, engine, client = served
-    n = 24
+    n = 16
     steps = engine.batched_steps
     got = concurrently([lambda q=q: stream_text(client, q, n) for q in PROMPTS])
     assert got == [alone(q, n) for q in PROMPTS]
@@ -97,7 +97,7 @@ def test_concurrent_greedy_streams_each_equal_generate_alone(served, alone):
 
 def test_a_stream_cancelled_mid_batch_leaves_the_others_unchanged(served, alone):
     url, engine, client = served
-    n = 32
+    n = 20
     fns = [lambda: stream_text(client, PROMPTS[1], n),
            lambda: stream_text(client, PROMPTS[2], n, stop_after=3),  # hangs up early
            lambda: stream_text(client, PROMPTS[0], n)]
@@ -140,7 +140,8 @@ def test_each_row_keeps_its_own_sampling_stop_logprobs_and_grammar(served):
     engine.max_batch = max(before, engine.max_batch)
     assert together == one_by_one
     assert one_by_one[1][1] == "stop" and "\n" not in one_by_one[1][0]
-    assert len(one_by_one[2][3]) == 10 and all(len(e[2]) == 3 for e in one_by_one[2][3])
+    assert len(one_by_one[2][3]) == one_by_one[2][2] > 3  # an entry per token
+    assert all(len(e[2]) == 3 for e in one_by_one[2][3])
     jsonschema.validate(json.loads(one_by_one[3][0]), schema)
 
 

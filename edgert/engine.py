@@ -416,9 +416,9 @@ class Engine:
             logits = self.model(y, cache=self._batch.layers)[:, -1, :]  # (B, V)
         except Exception as e:  # the step failed for every row
             log.error("generation failed: %s: %s", type(e).__name__, e)
-            for row in rows:
+            for row in rows:  # their caches may be half-updated: not kept
                 row.job.emit(Event("error", error=e))
-                self._end_row(row, emit=False)
+                self._end_row(row, emit=False, store=False)
             return
         self.batched_steps += 1
         picks = {}
@@ -442,12 +442,13 @@ class Engine:
             else:
                 row.next_token = token
 
-    def _end_row(self, row: "Row", emit: bool = True) -> None:
-        """Take `row` out of the batch: its cache into the prefix cache, its last events."""
+    def _end_row(self, row: "Row", emit: bool = True, store: bool = True) -> None:
+        """Take `row` out of the batch: its cache into the prefix cache (a snapshot of its own
+        row, as a request decoded alone leaves), then its last events."""
         ids = row.job.prompt
         cache = self._batch.row_cache(row)
         seen = (ids + row.reply.generated)[:cache[0].offset]
-        if len(seen) == cache[0].offset:
+        if store and len(seen) == cache[0].offset:
             self.prefix.store(seen, cache)
         self._batch.remove(row)
         self.served += 1

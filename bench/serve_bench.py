@@ -6,6 +6,9 @@ Per server, interleaved round by round (edgert, mlx-lm, edgert, ...):
 - decode tok/s with 1, 2 and 4 concurrent streams (total generated tokens / wall time).
 
     python bench/serve_bench.py [PACKAGE] [--system-tokens 2000] [--max-tokens 64] [--rounds 2]
+
+`--servers edgert,edgert-no-batch` compares edgert's batched decode with its turn-taking
+(`edgert serve --no-batch`) instead; `--only-streams` skips the TTFT measurements.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ def free_port() -> int:
 
 
 def start(kind: str, package: str, port: int) -> subprocess.Popen:
-    if kind == "edgert":
+    if kind.startswith("edgert"):
         cmd = [sys.executable, "-m", "edgert", "serve", package, "--port", str(port),
                "--model-id", "m", "--log-level", "warning"]
+        if kind == "edgert-no-batch":
+            cmd.append("--no-batch")
     else:
         cmd = [sys.executable, "-m", "mlx_lm.server", "--model", package, "--port", str(port),
                "--host", "127.0.0.1"]
@@ -98,25 +103,32 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--streams", default="1,2,4")
+    ap.add_argument("--servers", default="edgert,mlx_lm",
+                    help="the two servers, interleaved: edgert, edgert-no-batch, mlx_lm")
+    ap.add_argument("--only-streams", action="store_true", help="tok/s only, no TTFT")
     args = ap.parse_args(argv)
+    kinds = args.servers.split(",")
+    if len(kinds) != 2 or not set(kinds) <= {"edgert", "edgert-no-batch", "mlx_lm"}:
+        ap.error("--servers: two of edgert, edgert-no-batch, mlx_lm")
     if args.package is None:
         from edgert.convert.api import ensure_package
 
         args.package = str(ensure_package(None))
-    results: dict[str, dict[str, list[float]]] = {"edgert": {}, "mlx_lm": {}}
+    results: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     for rnd in range(args.rounds):
-        for kind in ("edgert", "mlx_lm"):
+        for kind in kinds:
             port = free_port()
             proc = start(kind, args.package, port)
             try:
                 c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                   max_retries=0, timeout=1800)
-                model = "m" if kind == "edgert" else args.package
+                model = "m" if kind.startswith("edgert") else args.package
                 ttft(c, model, "warm-up", "Hi", 2)
                 system = system_prompt(args.system_tokens, seed=rnd)
                 r = results[kind]
-                measured = [("ttft_cold_s", lambda: ttft(c, model, system, "Name a colour.", 4)),
-                             ("ttft_warm_s", lambda: ttft(c, model, system, "Name a fruit.", 4))]
+                measured = [] if args.only_streams else [
+                    ("ttft_cold_s", lambda: ttft(c, model, system, "Name a colour.", 4)),
+                    ("ttft_warm_s", lambda: ttft(c, model, system, "Name a fruit.", 4))]
                 measured += [(f"tok_s_{n}_streams",
                               lambda n=n: throughput(c, model, n, args.max_tokens))
                              for n in map(int, args.streams.split(","))]
@@ -129,11 +141,12 @@ def main(argv=None) -> int:
                 proc.wait(timeout=60)
     summary = {k: {m: round(statistics.median(v), 3) for m, v in r.items()}
                for k, r in results.items()}
-    ratio = {m: round(summary["mlx_lm"][m] / summary["edgert"][m], 2) if m.startswith("ttft")
-             else round(summary["edgert"][m] / summary["mlx_lm"][m], 2)
-             for m in summary["edgert"]}
+    a, b = kinds  # the first server's advantage over the second (TTFT: b / a)
+    ratio = {m: round(summary[b][m] / summary[a][m], 2) if m.startswith("ttft")
+             else round(summary[a][m] / summary[b][m], 2)
+             for m in summary[a]}
     print(json.dumps({"package": os.path.basename(args.package.rstrip("/")), "args": vars(args),
-                      "median": summary, "edgert_advantage": ratio}, indent=2))
+                      "median": summary, f"{a}_advantage_over_{b}": ratio}, indent=2))
     return 0
 
 

@@ -133,9 +133,52 @@ _GGUF_VERSION = importlib.metadata.version("gguf")
 _READ_ERRORS = (_Corrupt, ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError)
 
 
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_part_path(first: Path, no: int, count: int) -> Path:
+    """Part `no` (0-based) of a split GGUF whose first part is `first`, named as llama.cpp's
+    llama_split_path names it: `{prefix}-{no + 1:05d}-of-{count:05d}.gguf`."""
+    m = SPLIT_NAME.match(first.name)
+    prefix = m["prefix"] if m else first.name.removesuffix(".gguf")
+    return first.with_name(f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf")
+
+
 def open_gguf(path: Path) -> GGUFReader:
-    """A memory-mapped GGUFReader for `path`; EdgertError (one line) for anything unreadable."""
+    """A memory-mapped GGUFReader for `path`; EdgertError (one line) for anything unreadable.
+
+    A split GGUF (llama.cpp's gguf-split: metadata `split.no`, `split.count`,
+    `split.tensors.count`; every key/value in the first part, tensors spread over all) is
+    opened from its first part: the reader's `tensors` are then those of every part, each
+    part bounds-checked as a file of its own."""
+    reader = _open_one(Path(path))
+    count = int(meta(reader, "split.count", 0) or 0)
+    if count <= 1:
+        return reader
     path = Path(path)
+    no = int(meta(reader, "split.no", 0))
+    if no != 0:
+        raise EdgertError(f"{path}: part {no + 1} of a GGUF split into {count} files; give "
+                          f"the first part ({split_part_path(path, 0, count).name})")
+    for i in range(1, count):
+        part_path = split_part_path(path, i, count)
+        if not part_path.is_file():
+            raise EdgertError(f"{path}: part {i + 1} of {count} of this split GGUF is missing "
+                              f"({part_path.name})")
+        part = _open_one(part_path)
+        if (int(meta(part, "split.no", -1)), int(meta(part, "split.count", 0))) != (i, count):
+            raise EdgertError(f"{part_path}: not part {i + 1} of {count} of {path.name} (its "
+                              f"split.no/split.count say otherwise)")
+        reader.tensors = reader.tensors + part.tensors  # views into the part's own memory map
+    total = meta(reader, "split.tensors.count")
+    if total is not None and int(total) != len(reader.tensors):
+        raise EdgertError(f"{path}: the split GGUF's parts hold {len(reader.tensors)} tensors, "
+                          f"its split.tensors.count says {int(total)}")
+    return reader
+
+
+def _open_one(path: Path) -> GGUFReader:
+    """One GGUF file, bounds-checked (see open_gguf)."""
     if not path.is_file():
         raise EdgertError(f"{path}: no such file")
     size = path.stat().st_size

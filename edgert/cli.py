@@ -59,6 +59,9 @@ def load_with_status(model: str | None, engine: str | None = None):
     """(model, tokenizer) for `engine` "mlx" or "coreml" (default: coreml for a .mlpackage)."""
     from rich.console import Console
 
+    from .hub import local_path
+
+    model = local_path(model)  # a Hugging Face repo id: its local copy
     if engine is None:
         from .coreml_engine import is_coreml_package
 
@@ -333,7 +336,12 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
 @click.option("--max-tokens", "-n", default=512, show_default=True, type=click.IntRange(min=1),
               help="Tokens to generate when a request does not say.")
 @click.option("--parallel", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Requests decoded at once (token by token in turn); the rest wait in line.")
+              help="Requests decoded at once (batched in one model call per step where the "
+                   "model's caches allow it, else token by token in turn); the rest wait in "
+                   "line.")
+@click.option("--batch/--no-batch", default=True, show_default=True,
+              help="Decode active requests together in one model call per step (KV-cache "
+                   "models); --no-batch takes turns token by token.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests allowed to wait; more are refused with 503.")
 @click.option("--prefix-cache-mb", default=1024, show_default=True, type=click.IntRange(min=0),
@@ -345,7 +353,7 @@ def generate(model, prompt, max_tokens, raw, system, as_json, engine, prompt_cac
 @speculative_options
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_cache_mb,
+def serve(model, host, port, model_id, max_tokens, parallel, batch, max_queue, prefix_cache_mb,
           prompt_cache, kv_bits, kv_group_size, draft_model, prompt_lookup, num_draft,
           log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
@@ -353,7 +361,8 @@ def serve(model, host, port, model_id, max_tokens, parallel, max_queue, prefix_c
     from .server import serve as run_server
 
     check_speculative(draft_model, prompt_lookup, num_draft)
-    run_server(model, host, port, model_id=model_id, max_active=parallel, max_queue=max_queue,
+    run_server(model, host, port, model_id=model_id, max_active=parallel, batch=batch,
+               max_queue=max_queue,
                prefix_cache_bytes=prefix_cache_mb << 20, default_max_tokens=max_tokens,
                prompt_cache=prompt_cache, kv_bits=kv_bits, kv_group_size=kv_group_size,
                draft_model=draft_model, prompt_lookup=prompt_lookup,

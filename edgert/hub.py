@@ -9,9 +9,18 @@ Forms (a path that exists on disk always wins; one starting with `/`, `.` or `~`
                                whose name holds the tag (case-insensitive) followed by `.` or `-`;
                                without a tag Q4_K_M, then Q8_0, then the first model file
     org/name/dir/file.gguf     that file of the repo (llama.cpp's `--hf-file`)
+    org/name/dir/M.mlpackage   that Core ML package of the repo; a repo with neither
+                               config.json nor GGUF files but one or more `.mlpackage` folders
+                               (or a package at its root) gives its first: served, chatted and
+                               generated through the Core ML engine
+    org/name@revision...       any of the above at a branch, tag or commit (huggingface_hub's
+                               `revision`: offline it is looked up in the cache's refs/ and
+                               snapshots/), e.g. `org/name@v1.0:Q4_K_M`; default main
 
-A GGUF file is then converted into edgert's cache on first use, like a local one. Offline
-(`HF_HUB_OFFLINE=1`) only what the hub cache holds is used; an id that is not there is a
+A GGUF split by llama.cpp's gguf-split (`m-00001-of-00003.gguf`) is named by its first part;
+every part is fetched next to it and the converter reads them all. A GGUF file is then
+converted into edgert's cache on first use, like a local one. Offline (`HF_HUB_OFFLINE=1`)
+only what the hub cache holds is used; an id, revision or file that is not there is a
 one-line EdgertError naming it.
 """
 
@@ -24,8 +33,10 @@ from typing import NamedTuple
 from .errors import EdgertError
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
-_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?::(?P<tag>[A-Za-z0-9_.-]+)"
-                 rf"|/(?P<file>(?:{_PART}/)*{_PART}\.gguf))?$")
+_REV = r"refs/pr/\d+|[A-Za-z0-9][A-Za-z0-9_.-]*"
+_ID = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:@(?P<rev>{_REV}))?"
+                 rf"(?::(?P<tag>[A-Za-z0-9_.-]+)"
+                 rf"|/(?P<file>(?:{_PART}/)*{_PART}\.(?:gguf|mlpackage)))?$")
 # the files of a folder repo that a model needs (weights, configs, tokenizer, chat template)
 FOLDER_FILES = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt",
                 "*.jsonl", "*.jinja"]
@@ -37,7 +48,8 @@ _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 class RepoId(NamedTuple):
     repo: str
     tag: str | None = None
-    file: str | None = None
+    file: str | None = None  # a .gguf file or a .mlpackage folder of the repo
+    revision: str | None = None  # a branch, tag or commit; None is main
 
 
 def parse_repo_id(model: str | Path | None) -> RepoId | None:
@@ -51,9 +63,10 @@ def parse_repo_id(model: str | Path | None) -> RepoId | None:
     m = _ID.match(s)
     if m is None or "--" in m["repo"] or ".." in s:
         return None
-    if m["tag"] is None and m["file"] is None and s.lower().endswith((".gguf", ".mlpackage")):
+    if (m["tag"] is None and m["file"] is None and m["rev"] is None
+            and s.lower().endswith((".gguf", ".mlpackage"))):
         return None  # dir/file.gguf: a missing local file, not a repo named so
-    return RepoId(m["repo"], m["tag"], m["file"])
+    return RepoId(m["repo"], m["tag"], m["file"], m["rev"])
 
 
 def local_path(model: str | Path | None) -> str | Path | None:
@@ -75,6 +88,11 @@ def resolve(rid: RepoId, given: str) -> Path:
         return _locate(hf, rid, given)
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled,
             errors.IncompleteSnapshotError):
+        if rid.revision is not None and (refs := cached_refs(rid.repo)) is not None:
+            raise EdgertError(f"{given}: revision {rid.revision!r} is not in the Hugging Face "
+                              f"cache (it holds {', '.join(refs) or 'no named revision'})"
+                              + (" and downloads are off (HF_HUB_OFFLINE)"
+                                 if constants.HF_HUB_OFFLINE else "")) from None
         raise EdgertError(f"{given}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                           "and downloads are off (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE
                           else f"{given}: not in the Hugging Face cache and the Hub cannot be "
@@ -82,6 +100,8 @@ def resolve(rid: RepoId, given: str) -> Path:
     except errors.GatedRepoError:
         raise EdgertError(f"{given}: the repo is gated; accept its terms on huggingface.co "
                           "and log in (hf auth login or HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise EdgertError(f"{given}: no revision {rid.revision!r} in the repo") from None
     except errors.RepositoryNotFoundError:
         raise EdgertError(f"{given}: no such repo on the Hugging Face Hub (or it is private: "
                           "log in with hf auth login or HF_TOKEN)") from None
@@ -93,40 +113,99 @@ def resolve(rid: RepoId, given: str) -> Path:
 
 
 def _locate(hf, rid: RepoId, given: str) -> Path:
-    name, files = rid.file, []
+    name, files, rev = rid.file, [], rid.revision
+    if name is not None and name.endswith(".mlpackage"):
+        return _coreml_package(hf, rid, name, repo_files(rid.repo, rev), given)
     if name is None:
-        files = repo_files(rid.repo)
+        files = repo_files(rid.repo, rev)
         if rid.tag is None and "config.json" in files:
-            return Path(hf.snapshot_download(rid.repo, allow_patterns=FOLDER_FILES))
+            return Path(hf.snapshot_download(rid.repo, revision=rev,
+                                             allow_patterns=FOLDER_FILES))
         name = choose_gguf(files, rid.tag)
+        if name is None and rid.tag is None and (pkg := coreml_package_in(files)) is not None:
+            return _coreml_package(hf, rid, pkg, files, given)
     if name is None:
         ggufs = sorted(f for f in files if f.endswith(".gguf"))
         what = (f"no GGUF file matching {rid.tag!r}" if rid.tag else
-                "neither config.json nor a GGUF model file")
+                "neither config.json, a GGUF model file nor a .mlpackage")
         raise EdgertError(f"{given}: {what} in the repo"
                           + (f" (it has {', '.join(ggufs[:8])})" if ggufs else ""))
+    first = Path(hf.hf_hub_download(rid.repo, name, revision=rev))
     if (m := _SPLIT.search(name)) and int(m[2]) > 1:
-        raise EdgertError(f"{given}: {name} is split into {int(m[2])} files, which edgert "
-                          "does not read (merge them with llama-gguf-split --merge)")
-    return Path(hf.hf_hub_download(rid.repo, name))
+        _fetch_split_parts(hf, rid, name, int(m[1]), int(m[2]), given)
+    return first
 
 
-def repo_files(repo: str) -> list[str]:
-    """The repo's file paths: listed by the Hub, or (offline, or the Hub unreachable) those of
-    the cached snapshot of its main branch."""
+def _fetch_split_parts(hf, rid: RepoId, name: str, no: int, count: int, given: str) -> None:
+    """The other parts of a split GGUF, fetched into the same snapshot folder as `name` (the
+    reader finds them there by llama.cpp's naming)."""
+    from huggingface_hub import errors
+
+    if no != 1:
+        raise EdgertError(f"{given}: {name} is part {no} of {count} of a split GGUF; name "
+                          f"its first part ({_SPLIT.sub(f'-00001-of-{count:05d}.gguf', name)})")
+    for i in range(2, count + 1):
+        part = _SPLIT.sub(f"-{i:05d}-of-{count:05d}.gguf", name)
+        try:
+            hf.hf_hub_download(rid.repo, part, revision=rid.revision)
+        except (errors.EntryNotFoundError, errors.LocalEntryNotFoundError):
+            raise EdgertError(f"{given}: part {i} of {count} of the split GGUF ({part}) is "
+                              "not in the repo" + (" cache" if _offline() else "")) from None
+
+
+def coreml_package_in(files: list[str]) -> str | None:
+    """The Core ML package a repo's `files` hold: "" for a package at the root (Core ML's
+    Manifest.json there), else the first `.mlpackage` folder; None if there is none."""
+    if "Manifest.json" in files:
+        return ""
+    found = sorted({f.split(".mlpackage/", 1)[0] + ".mlpackage" for f in files
+                    if ".mlpackage/" in f})
+    return found[0] if found else None
+
+
+def _coreml_package(hf, rid: RepoId, pkg: str, files: list[str], given: str) -> Path:
+    if pkg and not any(f.startswith(pkg + "/") for f in files):
+        raise EdgertError(f"{given}: no Core ML package {pkg} in the repo")
+    folder = Path(hf.snapshot_download(rid.repo, revision=rid.revision,
+                                       allow_patterns=[f"{pkg}/*"] if pkg else None))
+    return folder / pkg if pkg else folder
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def cached_refs(repo: str) -> list[str] | None:
+    """The named revisions (refs/) the hub cache holds for `repo`; None if it holds no copy
+    of the repo at all."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    if not folder.is_dir():
+        return None
+    refs = folder / "refs"
+    return sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*")
+                  if p.is_file()) if refs.is_dir() else []
+
+
+def repo_files(repo: str, revision: str | None = None) -> list[str]:
+    """The repo's file paths at `revision` (None: main): listed by the Hub, or (offline, or the
+    Hub unreachable) those of the cached snapshot of that revision."""
     import huggingface_hub as hf
     from huggingface_hub import constants
     from huggingface_hub import errors
 
     if not constants.HF_HUB_OFFLINE:
         try:
-            return hf.list_repo_files(repo)
-        except (errors.OfflineModeIsEnabled, OSError):
-            pass  # no connection: what the cache holds
+            return hf.list_repo_files(repo, revision=revision)
         except errors.HfHubHTTPError as e:
             if getattr(e.response, "status_code", 0) < 500:
                 raise
-    folder = Path(hf.snapshot_download(repo, local_files_only=True))
+        except (errors.OfflineModeIsEnabled, OSError):
+            pass  # no connection: what the cache holds
+    folder = Path(hf.snapshot_download(repo, revision=revision, local_files_only=True))
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() or p.is_symlink())
 

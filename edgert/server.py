@@ -635,7 +635,8 @@ def _reasoning_delta(chunk: dict, kind: str) -> dict:
 
 
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080, *,
-          model_id: str | None = None, max_active: int = 4, max_queue: int = 64,
+          model_id: str | None = None, max_active: int = 4, batch: bool = True,
+          max_queue: int = 64,
           prefix_cache_bytes: int = 1 << 30, default_max_tokens: int = 512,
           prompt_cache=None, kv_bits: int | None = None, kv_group_size: int = 64,
           draft_model=None, prompt_lookup: int | None = None, num_draft: int = 4,
@@ -645,7 +646,7 @@ def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080, *,
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(model, max_active=max_active, max_queue=max_queue,
+    engine = Engine(model, max_active=max_active, batch=batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_bytes, prompt_cache=prompt_cache,
                     kv_bits=kv_bits, kv_group_size=kv_group_size, draft_model=draft_model,
                     prompt_lookup=prompt_lookup, num_draft=num_draft)

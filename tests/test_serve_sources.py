@@ -35,14 +35,17 @@ def blob_name(data: bytes, lfs: bool) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def add_repo(cache: Path, repo: str, files: dict[str, bytes | Path]) -> Path:
-    """Lay out `repo` in the hub cache `cache` with `files` (name -> bytes or a file to copy);
-    returns its snapshot folder."""
+def add_repo(cache: Path, repo: str, files: dict[str, bytes | Path], commit: str = COMMIT,
+             refs: tuple[str, ...] = ("main",)) -> Path:
+    """Lay out `repo` in the hub cache `cache` with `files` (name -> bytes or a file to copy)
+    at `commit`, which the named `refs` (branches, tags) point to; returns its snapshot
+    folder. Called again for the same repo, it adds another revision."""
     folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(COMMIT)
-    (folder / "blobs").mkdir()
-    snapshot = folder / "snapshots" / COMMIT
+    for ref in refs:
+        (folder / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    (folder / "blobs").mkdir(exist_ok=True)
+    snapshot = folder / "snapshots" / commit
     for name, content in files.items():
         data = content.read_bytes() if isinstance(content, Path) else content
         lfs = name.endswith((".gguf", ".safetensors"))
@@ -185,8 +188,8 @@ def test_choose_gguf_follows_llama_cpp_hf_rules():
     assert choose_gguf(files, "Q4") is None  # "Q4" is followed by "_", not "." or "-"
     assert choose_gguf(["m-Q5_0.gguf", "m-Q8_0.gguf"], None) == "m-Q8_0.gguf"
     assert choose_gguf(["a-mmproj.gguf", "m-F16.gguf"], None) == "m-F16.gguf"
-    assert parse_repo_id("org/name:Q4_K_M") == ("org/name", "Q4_K_M", None)
-    assert parse_repo_id("org/name/sub/m.gguf") == ("org/name", None, "sub/m.gguf")
+    assert parse_repo_id("org/name:Q4_K_M") == ("org/name", "Q4_K_M", None, None)
+    assert parse_repo_id("org/name/sub/m.gguf") == ("org/name", None, "sub/m.gguf", None)
     assert parse_repo_id("./org/name") is None and parse_repo_id("dir/m.gguf") is None
 
 
@@ -464,3 +467,116 @@ def test_a_request_during_another_reuses_its_prompt(smollm_package):
         stream.close()
         wait_idle(url)
     assert r.usage.prompt_tokens_details.cached_tokens > 40
+
+
+# -------------------------------------------------------------------------------------------
+# Revisions (repo@branch / tag / commit), split GGUFs and Core ML packages from the hub cache
+# -------------------------------------------------------------------------------------------
+
+REV_REPO = "test-org/SmolLM2-revisions"
+OLD_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+SPLIT_REPO = "test-org/SmolLM2-split-GGUF"
+BROKEN_SPLIT_REPO = "test-org/SmolLM2-split-missing-part"
+COREML_REPO = "test-org/SmolLM2-2L-coreml"
+
+
+@pytest.fixture(scope="module")
+def split_parts(smollm_gguf, tmp_path_factory) -> list[Path]:
+    """SmolLM2's GGUF split by llama.cpp's llama-gguf-split into 3 parts, named as a GGUF repo
+    names them (the quant tag, then -0000i-of-00003)."""
+    from testdata import data_file
+
+    out = tmp_path_factory.mktemp("split")
+    p = subprocess.run([str(data_file("llama.cpp/bin/llama-gguf-split")), "--split",
+                        "--split-max-tensors", "100", str(smollm_gguf),
+                        str(out / GGUF_NAME.removesuffix(".gguf"))],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    parts = sorted(out.glob("*.gguf"))
+    assert len(parts) == 3 and parts[0].name.endswith("Q4_1-00001-of-00003.gguf")
+    return parts
+
+
+@pytest.fixture(scope="module")
+def more_repos(hub, split_parts, coreml_package, smollm_gguf):
+    """The hub cache of `hub` plus: a repo whose main branch holds no model and whose tag v1.0
+    (an older commit) holds the GGUF; a split GGUF repo (and one missing its last part); a
+    repo holding a Core ML package."""
+    env, cache = hub
+    add_repo(cache, REV_REPO, {"README.md": b"# moved elsewhere\n"})
+    add_repo(cache, REV_REPO, {GGUF_NAME: smollm_gguf}, commit=OLD_COMMIT, refs=("v1.0",))
+    add_repo(cache, SPLIT_REPO, {p.name: p for p in split_parts} | {"README.md": b"# split\n"})
+    add_repo(cache, BROKEN_SPLIT_REPO, {p.name: p for p in split_parts[:2]})
+    files = {f"SmolLM2-2L.mlpackage/{p.relative_to(coreml_package).as_posix()}": p
+             for p in sorted(coreml_package.rglob("*")) if p.is_file()}
+    add_repo(cache, COREML_REPO, files | {"README.md": b"# Core ML\n"})
+    return env, cache
+
+
+def test_a_revision_by_tag_or_commit_generates_as_the_local_file(more_repos, smollm_gguf):
+    env, _ = more_repos
+    want = greedy(env, str(smollm_gguf))
+    assert greedy(env, f"{REV_REPO}@v1.0:Q4_1")["tokens"] == want["tokens"]
+    assert greedy(env, f"{REV_REPO}@{OLD_COMMIT}/{GGUF_NAME}")["tokens"] == want["tokens"]
+    # main (the default) holds no model; an unknown revision names what the cache holds
+    one_line_error(edgert(env, "info", REV_REPO), REV_REPO, "neither config.json")
+    err = one_line_error(edgert(env, "info", f"{REV_REPO}@v2.0"), f"{REV_REPO}@v2.0",
+                         "revision 'v2.0'")
+    assert "main" in err and "v1.0" in err
+    one_line_error(edgert(env, "info", f"{REV_REPO}@v1.0/missing.gguf"), "missing.gguf")
+    from edgert.hub import parse_repo_id
+
+    assert parse_repo_id("org/name@refs/pr/3:Q8_0") == ("org/name", "Q8_0", None, "refs/pr/3")
+    assert parse_repo_id("org/name@main/d/M.mlpackage") == ("org/name", None, "d/M.mlpackage",
+                                                             "main")
+
+
+def test_a_split_gguf_repo_converts_from_all_its_parts(more_repos, smollm_gguf):
+    env, cache = more_repos
+    want = greedy(env, str(smollm_gguf))
+    got = greedy(env, f"{SPLIT_REPO}:Q4_1")
+    assert got["tokens"] == want["tokens"]
+    snapshot = cache / f"models--{SPLIT_REPO.replace('/', '--')}" / "snapshots" / COMMIT
+    assert len(list(snapshot.glob("*.gguf"))) == 3
+    err = one_line_error(edgert(env, "info", f"{BROKEN_SPLIT_REPO}:Q4_1"), "part 3 of 3")
+    assert "00003-of-00003" in err
+    second = next(snapshot.glob("*00002-of-00003.gguf")).name
+    one_line_error(edgert(env, "info", f"{SPLIT_REPO}/{second}"), "part 2 of 3",
+                   "00001-of-00003")
+
+
+def test_a_core_ml_repo_generates_and_serves_through_the_core_ml_engine(more_repos,
+                                                                          coreml_package):
+    env, _ = more_repos
+    n = 6
+    want = greedy(env, str(coreml_package), n=n)
+    assert want["generation_tokens"] > 0
+    assert greedy(env, COREML_REPO, n=n)["tokens"] == want["tokens"]
+    by_path = greedy(env, f"{COREML_REPO}/SmolLM2-2L.mlpackage", n=n)
+    assert by_path["tokens"] == want["tokens"]
+    one_line_error(edgert(env, "generate", f"{COREML_REPO}/Other.mlpackage", "-p", "Hi"),
+                   "Other.mlpackage")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgert", "serve", COREML_REPO, "--port",
+                             str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 180
+        while True:
+            try:
+                health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < end, "server did not start"
+                time.sleep(0.3)
+        assert health["model"] == COREML_REPO
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+        r = c.chat.completions.create(model=COREML_REPO, temperature=0, max_tokens=n,
+                                      messages=[{"role": "user", "content": QUESTION}])
+        assert r.choices[0].message.content == want["text"]
+        assert r.usage.completion_tokens == want["generation_tokens"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -30,6 +30,7 @@ from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed, head_l
 from .cache import KVCache, RotatingKVCache, first_of
 
 MODEL_TYPES = ("gemma4_text", "gemma4")  # the first is what packages store
+COREML_GRAPH = "gemma4"  # edgert.convert.coreml_gemma4 (dense variants)
 SLIDING, FULL = "sliding_attention", "full_attention"
 PLE = "model.embed_tokens_per_layer"
 PLE_FILE = "model-per-layer-embeddings.safetensors"  # mlx-lm globs model*.safetensors too
@@ -126,6 +127,23 @@ class ModelArgs(BaseModelArgs):
         return self.global_head_dim or self.head_dim, n_kv
 
 
+def rope_wavelengths(dims: int, params: dict) -> np.ndarray:
+    """(dims / 2,) float32 wavelengths of the pairs (i, i + dims/2); inf for pairs that stay
+    fixed (proportional rope turns only the first `partial_rotary_factor * dims / 2`)."""
+    kind = params.get("rope_type", "default")
+    base = params["rope_theta"]
+    if kind == "default":
+        turned = dims // 2
+    elif kind == "proportional":
+        turned = int(params.get("partial_rotary_factor", 1.0) * dims // 2)
+    else:
+        raise UnsupportedError(f"gemma4 rope type {kind!r} is not supported")
+    factor = params.get("factor", 1.0)
+    wavelengths = factor * base ** (np.arange(0, 2 * turned, 2, dtype=np.float32) / dims)
+    fixed = np.full(dims // 2 - turned, np.inf, np.float32)  # angle 0
+    return np.concatenate([wavelengths, fixed])
+
+
 class RoPE(nn.Module):
     """Rotary embedding over the whole head (pairs i, i + D/2); with rope_type "proportional"
     only the first `partial_rotary_factor * D / 2` pairs turn (frequencies base^(2i/D), the
@@ -133,19 +151,8 @@ class RoPE(nn.Module):
 
     def __init__(self, dims: int, params: dict):
         super().__init__()
-        kind = params.get("rope_type", "default")
-        base = params["rope_theta"]
-        if kind == "default":
-            turned = dims // 2
-        elif kind == "proportional":
-            turned = int(params.get("partial_rotary_factor", 1.0) * dims // 2)
-        else:
-            raise UnsupportedError(f"gemma4 rope type {kind!r} is not supported")
-        factor = params.get("factor", 1.0)
-        wavelengths = factor * base ** (np.arange(0, 2 * turned, 2, dtype=np.float32) / dims)
-        fixed = np.full(dims // 2 - turned, np.inf, np.float32)  # angle 0
         self.dims = dims
-        self._freqs = mx.array(np.concatenate([wavelengths, fixed]))  # (dims/2,)
+        self._freqs = mx.array(rope_wavelengths(dims, params))  # (dims/2,)
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,

@@ -200,12 +200,16 @@ def package_copy(exported, tmp_path):
     return copy, ple
 
 
-def test_ple_file_missing(package_copy):
+def test_ple_file_missing(package_copy, tmp_path):
+    from test_cli import assert_one_line_error, run
+
     pkg, ple = package_copy
     ple.unlink()
     with pytest.raises(EdgertError, match=r"per-layer embedding file .* is missing") as e:
         CoreMLModel(pkg, backend="interpreter")
     assert "\n" not in str(e.value)
+    assert_one_line_error(run("generate", str(pkg), "-p", "hi", env_home=tmp_path),
+                          "per-layer embedding file", "is missing")
 
 
 def test_ple_file_short(package_copy):

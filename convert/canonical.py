@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgert.quant import QuantTensor, worse_error  # noqa: F401 (re-exported)
+from edgert.quant import QuantTensor, dequantize, widen, worse_error  # noqa: F401
 
 # Mapping classes, reported per tensor.
 EXACT = "exact"  # dequantizes to exactly the source's reference dequantization
@@ -85,3 +85,45 @@ class CanonicalModel:
     tensor_count: int
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # file name -> contents
     source: dict = field(default_factory=dict)  # {"path", "sha256", "format", ...}
+
+
+_CLASSES = (EXACT, WIDENED, F32_SCALES_EXACT, REQUANTIZED)  # better to worse
+
+
+def join_rows(name: str, parts: list[TensorRecord], order: np.ndarray) -> TensorRecord:
+    """One 2-D tensor from `parts`' rows, concatenated and then taken in `order` (a fused
+    projection): floats in the widest dtype; quantized (affine) parts in one layout that holds
+    each exactly (the most bits, the smallest group, float32 scales if any has them), class
+    "widened" for a part that changed; a float part among quantized ones makes all float32
+    (dequantized, exact). The class is the worst part's; the reference is joined the same way."""
+    values = [p.value for p in parts]
+    quant = [v for v in values if isinstance(v, QuantTensor)]
+    classes = [p.mapping for p in parts]
+    note = ""
+    if quant and (len(quant) < len(values) or any(q.mode != "affine" for q in quant)):
+        values = [dequantize(v) if isinstance(v, QuantTensor) else np.float32(v) for v in values]
+        note = "dequantized to float32 (parts of mixed layouts)"
+        quant = []
+    if quant:
+        bits, group = max(q.bits for q in quant), min(q.group_size for q in quant)
+        dt = np.float32 if any(q.scales.dtype == np.float32 for q in quant) else np.float16
+        wide = [widen(q, bits, group, dt) for q in quant]
+        classes = [WIDENED if c == EXACT and (q.bits, q.group_size, q.scales.dtype) !=
+                   (bits, group, dt) else c for c, q in zip(classes, quant)]
+        value = QuantTensor(*(np.concatenate([getattr(w, k) for w in wide])[order]
+                              for k in ("w_q", "scales", "biases")), bits, group)
+        if len({(q.bits, q.group_size) for q in quant}) > 1:
+            note = f"parts widened to {bits}-bit g{group} (exact)"
+    else:
+        value = np.concatenate([np.asarray(v) for v in values])[order]
+    ranked = [c for c in classes if c in _CLASSES]
+    mapping = max(ranked, key=_CLASSES.index) if ranked else classes[0]
+    error = 0.0
+    for p in parts:
+        error = worse_error(error, p.max_abs_error)
+    types = list(dict.fromkeys(p.source_type for p in parts))
+    return TensorRecord(
+        name, value, " + ".join(p.source_name for p in parts), " + ".join(types), mapping,
+        error, note="; ".join(x for x in ("rows of " + " and ".join(p.name for p in parts),
+                                          note) if x),
+        reference=lambda: np.concatenate([p.reference_value() for p in parts])[order])

@@ -405,15 +405,15 @@ def _zero_point_step(module: str, refs: dict[str, TensorRef], kind: str, qcfg: d
     return [f"{module}.weight"] + ([] if perm is None else [f"{module}.input_perm"]), exact
 
 
-def _stacked_zero_point_step(target: str, modules: list[str], refs: dict[str, TensorRef],
-                             kind: str, qcfg: dict, want: dict | None, scale_dtype: str) -> Step:
-    """GPTQ / AWQ experts (one module each) as one (E, out, in) tensor: stacked exactly where
-    every expert maps exactly with the same layout and no input permutation (act-order orders
-    differ per expert, and a stacked layer takes one); otherwise re-quantized from the
+def _stacked_zero_point_step(target: str, members: list[tuple[int, str]],
+                             refs: dict[str, TensorRef], kind: str, qcfg: dict,
+                             want: dict | None, scale_dtype: str) -> Step:
+    """GPTQ / AWQ experts ((expert, module) each) as one (E, out, in) tensor: stacked exactly
+    where every expert maps exactly with the same layout and no input permutation (act-order
+    orders differ per expert, and a stacked layer takes one); otherwise re-quantized from the
     experts' reference dequantizations."""
-    if [int(m.split(".")[-2]) for m in modules] != list(range(len(modules))):
-        raise EdgertError(f"{target}: the checkpoint's {kind.upper()} experts are not "
-                          f"numbered 0..{len(modules) - 1}")
+    check_numbering(target, [e for e, _ in members])
+    modules = [m for _, m in sorted(members)]
     experts = [_zero_point_step(m, refs, kind, qcfg, want, scale_dtype)[1] for m in modules]
     E = len(modules)
     source = _expert_pattern([f"{m}.qweight" for m in modules])
@@ -515,10 +515,8 @@ def expert_stacks(refs: dict[str, TensorRef], arch,
             continue
         consumed.add(name)
     for target, by_expert in groups.items():
+        check_numbering(target, list(by_expert))
         names = [by_expert[e] for e in sorted(by_expert)]
-        if sorted(by_expert) != list(range(len(by_expert))):
-            raise EdgertError(f"{target}: the checkpoint's experts are {sorted(by_expert)}, "
-                              f"not 0..{len(by_expert) - 1}")
         shapes = {refs[n].shape for n in names}
         if len(shapes) > 1 or len(next(iter(shapes))) != 2:
             odd = next(n for n in names if refs[n].shape != refs[names[0]].shape)
@@ -528,6 +526,14 @@ def expert_stacks(refs: dict[str, TensorRef], arch,
             target, _expert_pattern(names), refs[names[0]].dtype,
             (len(names), *refs[names[0]].shape), lambda e, names=names: refs[names[e]].load())
     return out, consumed
+
+
+def check_numbering(target: str, experts: list[int]) -> None:
+    """One line where the experts a stacked tensor gathers are not numbered 0..E-1 (float
+    per-expert tensors and GPTQ / AWQ expert modules alike)."""
+    if sorted(experts) != list(range(len(experts))):
+        raise EdgertError(f"{target}: the checkpoint's experts are {sorted(experts)}, "
+                          f"not 0..{len(experts) - 1}")
 
 
 def _fused_stacks(name: str, ref: TensorRef, targets: list[str], split) -> dict:
@@ -844,8 +850,8 @@ def _plan(refs: dict[str, TensorRef], kind: str, qcfg: dict, request: Request,
                 target = expert_of[module][0]
                 members = sorted((e, m) for m, (t, e) in expert_of.items() if t == target)
                 if members[0][1] == module:  # the stack's step, planned at its first expert
-                    steps.append(_stacked_zero_point_step(target, [m for _, m in members],
-                                                          refs, kind, qcfg, want, scale_dtype))
+                    steps.append(_stacked_zero_point_step(target, members, refs, kind,
+                                                          qcfg, want, scale_dtype))
                 continue
             if kind == "bitnet":
                 steps.append(_bitnet_step(module, refs))

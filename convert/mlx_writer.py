@@ -6,8 +6,10 @@
     OUT/edgert.json              provenance, per-tensor report, totals
 
 A quantized tensor `X.weight` is stored as `X.weight` (uint32 w_q), `X.scales`, `X.biases`;
-float tensors keep their dtype. The package is built in a temporary sibling folder and moved
-into place with os.replace once complete, so an interrupted conversion leaves nothing behind.
+float tensors keep their dtype. Tensors are written in the architecture's package layout
+(its `package_tensors`, where it has one). The package is built in a temporary sibling
+folder and moved into place with os.replace once complete, so an interrupted conversion
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -185,7 +187,7 @@ def _write(model: CanonicalModel, folder: Path, on_tensor, shard_bytes: int) -> 
             writer.close({"format": "mlx"})
             writer = None
 
-    for record in model.tensors():
+    for record in package_tensors(model):
         arrays = _arrays(record)
         size = sum(a.nbytes for a in arrays.values())
         own = next((f for m, f in own_files.items() if record.name.startswith(m + ".")), None)
@@ -255,6 +257,19 @@ def _check_config(config: dict) -> None:
         args_cls.from_dict(config)
     except TypeError as e:
         raise EdgertError(f"config: {e}") from None
+
+
+def package_tensors(model: CanonicalModel) -> Iterator[TensorRecord]:
+    """The model's tensors in the package's layout: its architecture's
+    `package_tensors(records, config)` where it has one (the layout mlx-lm's model of that
+    type loads as it is, e.g. norms stored as 1 + w, projections fused), else as read."""
+    from edgert.models import architecture
+
+    try:
+        hook = getattr(architecture(model.config.get("model_type")), "package_tensors", None)
+    except EdgertError:
+        hook = None  # an architecture only other engines run
+    return model.tensors() if hook is None else hook(model.tensors(), model.config)
 
 
 def _own_files(config: dict) -> dict[str, str]:

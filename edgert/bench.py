@@ -94,6 +94,17 @@ SYNTHETIC["qwen3.5-35b-a3b"] = dict(
     num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
     shared_expert_intermediate_size=512, vocab_size=248320, tie_word_embeddings=False)
 
+# Gemma 4 26B-A4B's text model (google/gemma-4-26B-A4B config.json): 30 layers, 5 sliding (1024)
+# to 1 full (head_dim 512, 2 kv heads, k as v), each with a dense GeGLU MLP (2112) and beside it
+# 128 experts (704 wide), 8 per token; no PLE, tied 262144-row embedding (25.2 B, 3.8 B active)
+SYNTHETIC["gemma4-26b-a4b"] = dict(
+    model_type="gemma4_text", hidden_size=2816, num_hidden_layers=30, intermediate_size=2112,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+    num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
+    vocab_size=262144, hidden_size_per_layer_input=0, final_logit_softcapping=30.0,
+    enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+    tie_word_embeddings=True)
+
 
 @dataclass
 class TestResult:

@@ -509,7 +509,7 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("-d", "depths", default="0", callback=int_list, help="KV-cache depths, e.g. 0,512.")
 @click.option("--synthetic", default=None, help="Benchmark a random model built in quantized form: "
               "qwen3-8b, bonsai-8b, llama-3.1-8b, qwen3-4b, qwen3-1.7b, qwen3-30b-a3b, "
-              "gpt-oss-20b, qwen3.5-35b-a3b.")
+              "gpt-oss-20b, qwen3.5-35b-a3b, gemma4-26b-a4b.")
 @click.option("--bits", default=4, show_default=True, help="Bits for --synthetic.")
 @click.option("--group-size", default=64, show_default=True, help="Group size for --synthetic.")
 @click.option("--layers", default=None, type=int,

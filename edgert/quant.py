@@ -109,3 +109,21 @@ def map_rows(value, fn):
         return QuantTensor(fn(value.w_q), fn(value.scales), biases, value.bits,
                            value.group_size, value.mode)
     return fn(value)
+
+
+def widen(t: QuantTensor, bits: int, group_size: int, scale_dtype) -> QuantTensor:
+    """The same values in a wider affine layout, exactly: the codes repacked at `bits` (>= t's),
+    scales and biases repeated for `group_size` (dividing t's) and cast to `scale_dtype`
+    (float32, or t's own)."""
+    from .bitpack import pack_rows, unpack_rows
+
+    if t.mode != "affine" or bits < t.bits or t.group_size % group_size:
+        raise ValueError(f"{t.bits}-bit g{t.group_size} {t.mode} cannot widen to "
+                         f"{bits}-bit g{group_size}")
+    *lead, words = t.w_q.shape
+    w_q = t.w_q if bits == t.bits else pack_rows(
+        unpack_rows(t.w_q.reshape(-1, words), t.bits), bits).reshape(*lead, -1)
+    r = t.group_size // group_size
+    scales = np.repeat(t.scales, r, axis=-1).astype(scale_dtype)
+    return QuantTensor(w_q, scales, np.repeat(t.biases, r, axis=-1).astype(scale_dtype), bits,
+                       group_size)

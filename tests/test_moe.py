@@ -376,3 +376,146 @@ def test_gptq_moe_checkpoint(tmp_path, g_kind):
     reference.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in
                                state.items()}, strict=False)
     assert rel_err(logits(ours), hf_logits(reference)) < 1e-4
+
+
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # AutoAWQ packing_utils: nibble of column 8k+j
+
+
+def awq_dequantize_gemm(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
+                        group: int) -> np.ndarray:
+    """AutoAWQ's `dequantize_gemm` (packing_utils.py) in numpy: unpack 8 nibbles per int32 word
+    (shifts 0, 4, .., 28), undo the GEMM column order, (q - z) * s per group -> (out, in)."""
+    def unpack(w):
+        nib = (w.view(np.uint32)[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15
+        nib = nib.reshape(w.shape[0], -1)
+        order = np.arange(nib.shape[1]).reshape(-1, 8)[:, AWQ_REVERSE_ORDER].reshape(-1)
+        return nib[:, order].astype(np.float32)
+
+    iw, iz = unpack(qweight), unpack(qzeros)  # (in, out), (n_groups, out)
+    s = scales.astype(np.float32).repeat(group, axis=0)
+    return ((iw - iz.repeat(group, axis=0)) * s).T  # (out, in)
+
+
+def awq_quantize(w: np.ndarray, group: int) -> dict[str, np.ndarray]:
+    """AutoAWQ's asymmetric 4-bit grid (zeros in 0..15, w = (q - z) * s, float16 scales),
+    packed as WQLinear_GEMM.from_linear does: qweight (in, out/8), qzeros (n_groups, out/8)."""
+    from test_hf_reader import awq_pack
+
+    wg = w.reshape(w.shape[0], -1, group)
+    wmin, wmax = wg.min(-1), wg.max(-1)
+    s16 = (np.maximum(wmax - wmin, 1e-5) / 15).astype(np.float16)
+    z = np.clip(np.round(-wmin / s16.astype(np.float32)), 0, 15)
+    q = np.clip(np.round(wg / s16[..., None].astype(np.float32)) + z[..., None], 0, 15)
+    return {"qweight": awq_pack(q.reshape(w.shape).T), "qzeros": awq_pack(z.T),
+            "scales": np.ascontiguousarray(s16.T)}
+
+
+def awq_moe_checkpoint(hf, folder: Path, group: int) -> dict[str, np.ndarray]:
+    """`hf` saved as AutoAWQ saves a Qwen3-MoE (every Linear of the decoder layers its own
+    WQLinear_GEMM: attention, each expert, the router; embeddings, norms and the head float16).
+    Returns AWQ's reference dequantization (awq_dequantize_gemm) of each quantized weight."""
+    from safetensors.numpy import load_file as load_np
+    from test_hf_reader import LINEARS
+
+    hf.save_pretrained(folder / "float")  # per-expert names, as checkpoints have them
+    out, refs = {}, {}
+    for name, w in load_np(str(folder / "float" / "model.safetensors")).items():
+        if not name.startswith("model.layers.") or not name.endswith(
+                (*LINEARS, ".mlp.gate.weight")):
+            out[name] = w.astype(np.float16)
+            continue
+        module = name.removesuffix(".weight")
+        t = awq_quantize(w, group)
+        out |= {f"{module}.{k}": v for k, v in t.items()}
+        refs[name] = awq_dequantize_gemm(t["qweight"], t["qzeros"], t["scales"], group)
+    (folder / "awq").mkdir()
+    save_file(out, str(folder / "awq" / "model.safetensors"))
+    config = json.loads((folder / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
+                                     "zero_point": True, "version": "gemm"}
+    (folder / "awq" / "config.json").write_text(json.dumps(config))
+    return refs
+
+
+def test_awq_moe_checkpoint(tmp_path):
+    """An AWQ Qwen3-MoE (AutoAWQ's GEMM packing, zero points; the router quantized too, as
+    AutoAWQ does): each expert maps exactly and the experts stack into (E, out, in), every
+    weight bit-identical after MLX's dequantization to AWQ's own (AutoAWQ's dequantize_gemm,
+    written out here); mlx-lm's AWQ decoder gives the same codes and scales per expert; the
+    logits are transformers' on AWQ's weights (1e-4; each of those weights within one 4-bit
+    step of the float model's), and mlx-lm loads the package with the same logits."""
+    from mlx_lm.utils import _transform_awq_weights
+    from mlx_lm.utils import load_model as mlx_lm_load
+    from safetensors.numpy import load_file as load_np
+
+    kw, _ = CONFIGS["dense-layer-1"]
+    hf, group = hf_moe(kw), 32
+    refs = awq_moe_checkpoint(hf, tmp_path, group)
+    package = convert_file(tmp_path / "awq", tmp_path / "pkg", progress=False)
+    report = json.loads((package / "edgert.json").read_text())["tensors"]
+    stacked = {k: v for k, v in report.items() if ".switch_mlp." in k}
+    assert len(stacked) == 3 * 2  # two sparse layers (layer 1 is dense)
+    assert all(v["class"] in ("exact", "f32-scales exact") and v["shape"][0] == 8
+               and v["max_abs_error"] == 0 for v in stacked.values()), stacked
+
+    state = dequantized_state(hf, package)  # transformers' names, experts fused
+    src = load_np(str(tmp_path / "awq" / "model.safetensors"))
+    pkg = mx.load(str(package / "model.safetensors"))
+    for layer in (0, 2):
+        base = f"model.layers.{layer}.mlp.experts"
+        per = lambda p: np.stack([refs[f"{base}.{e}.{p}.weight"] for e in range(8)])
+        assert np.array_equal(state[f"{base}.gate_up_proj"],
+                              np.concatenate([per("gate_proj"), per("up_proj")], 1))
+        assert np.array_equal(state[f"{base}.down_proj"], per("down_proj"))
+        for e in (0, 5):  # mlx-lm's own AWQ decoding of one expert: the same codes, scales
+            m = f"{base}.{e}.up_proj"
+            theirs, _ = _transform_awq_weights({f"{m}.{k}": mx.array(src[f"{m}.{k}"])
+                                                for k in ("qweight", "qzeros", "scales")},
+                                               {"bits": 4, "group_size": group})
+            ours = f"model.layers.{layer}.mlp.switch_mlp.up_proj"
+            assert np.array_equal(np.array(pkg[f"{ours}.weight"][e]),
+                                  np.array(theirs[f"{m}.weight"]))
+            assert np.array_equal(np.array(pkg[f"{ours}.scales"][e].astype(mx.float32)),
+                                  np.array(theirs[f"{m}.scales"].astype(mx.float32)))
+    floats = load_np(str(tmp_path / "float" / "model.safetensors"))
+    for name, ref in refs.items():
+        if ".experts." not in name:
+            assert np.array_equal(state[name], ref), name
+        # what 4 bits imply: each weight within one step (its group's scale) of the float one
+        step = src[name.replace(".weight", ".scales")].astype(np.float32).T.repeat(group, 1)
+        assert (np.abs(ref - floats[name]) <= step).all(), name
+
+    reference = copy.deepcopy(hf)
+    reference.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in
+                               state.items()}, strict=True)
+    ours, _ = load_model(package)
+    got, want = logits(ours), hf_logits(reference)
+    print(f"AWQ MoE: transformers on AWQ's weights vs edgert {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < 1e-4 and np.array_equal(got.argmax(-1), want.argmax(-1))
+    theirs, _ = mlx_lm_load(package)
+    theirs.set_dtype(mx.float32)
+    assert rel_err(logits(theirs), got) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["float", "awq"])
+def test_experts_numbered_out_of_order(tmp_path, kind):
+    """Experts 0, 1, .., 6, 8 (7 missing), per-expert float tensors or AWQ modules alike: one
+    line naming the stacked tensor and the numbers found, nothing written."""
+    from edgert.errors import EdgertError
+
+    kw, _ = CONFIGS["dense-layer-1"]
+    hf = hf_moe(kw)
+    if kind == "awq":
+        awq_moe_checkpoint(hf, tmp_path, 32)
+        folder = tmp_path / "awq"
+    else:
+        folder = save_checkpoint(hf, tmp_path / "float", "per-expert")
+    tensors = load_file(str(folder / "model.safetensors"))
+    prefix = "model.layers.0.mlp.experts."
+    tensors = {k.replace(f"{prefix}7.", f"{prefix}8.") if k.startswith(prefix) else k: v
+               for k, v in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(EdgertError, match=r"switch_mlp\.(down|gate|up)_proj\.weight: the "
+                       r"checkpoint's experts are \[0, 1, 2, 3, 4, 5, 6, 8\], not 0\.\.7"):
+        convert_file(folder, tmp_path / "pkg", progress=False)
+    assert not (tmp_path / "pkg").exists()

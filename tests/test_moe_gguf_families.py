@@ -8,8 +8,8 @@ once per module, llama-quantize the Q8_0, Q4_K_M and MXFP4_MOE ones.
 Oracles: transformers on the F32 file's weights (1e-4, top-1 identical); gguf-py's
 dequantization of every tensor of the quantized files (exact types bit for bit, the
 architecture's transform applied); llama.cpp through the llama_cpp binding on its float path
-(its own dequantization of the quantized file), top-1 identical; mlx-lm on the package
-(qwen35moe, gpt-oss)."""
+(its own dequantization of the quantized file), top-1 identical; mlx-lm on the package.
+qwen3next's packages are mlx-lm's layout (edgert.models.qwen3_next.package_tensors)."""
 
 from __future__ import annotations
 
@@ -175,6 +175,39 @@ def package_floats(package: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def qkvz_rows(config: dict, part: str) -> np.ndarray:
+    """Where in_proj_qkv's rows ([q, k, v] of all key heads) or in_proj_z's sit in HF's fused
+    in_proj_qkvz, which holds per key head [q (Dk), k (Dk), v (r*Dv), z (r*Dv)]."""
+    n_k, dk = config["linear_num_key_heads"], config["linear_key_head_dim"]
+    rv = config["linear_num_value_heads"] // n_k * config["linear_value_head_dim"]
+    head = (np.arange(n_k) * (2 * dk + 2 * rv))[:, None]  # each key head's first row
+    if part == "z":
+        return (head + 2 * dk + rv + np.arange(rv)).ravel()
+    q, k, v = head + np.arange(dk), head + dk + np.arange(dk), head + 2 * dk + np.arange(rv)
+    return np.concatenate([q.ravel(), k.ravel(), v.ravel()])
+
+
+ZERO_CENTRED = ("input_layernorm.weight", "post_attention_layernorm.weight",
+                "model.norm.weight", "q_norm.weight", "k_norm.weight")
+
+
+def in_package(arch: str, name: str, want: np.ndarray, ours: dict, config: dict):
+    """(package tensor name, the package's value of HF tensor `name`, `want` as the package
+    holds it). qwen3next's packages are mlx-lm's layout: the zero-centred norms as 1 + w,
+    conv1d (C, K, 1), in_proj_qkv and in_proj_z as rows of in_proj_qkvz."""
+    if arch != "qwen3next":
+        return name, ours[name].reshape(want.shape), want
+    if name.endswith(ZERO_CENTRED):
+        return name, ours[name], want + np.float32(1)
+    if name.endswith("conv1d.weight"):
+        return name, ours[name], want.swapaxes(1, 2)
+    for part in ("qkv", "z"):
+        if name.endswith(f"in_proj_{part}.weight"):
+            fused = name.replace(f"in_proj_{part}.", "in_proj_qkvz.")
+            return fused, ours[fused][qkvz_rows(config, part)], want
+    return name, ours[name].reshape(want.shape), want
+
+
 @pytest.mark.parametrize("kind", QUANT_TYPES)
 def test_every_tensor_against_gguf_py(family, tmp_path, kind):
     """Each tensor of the quantized file, dequantized by gguf-py and put in HF's convention by
@@ -196,12 +229,13 @@ def test_every_tensor_against_gguf_py(family, tmp_path, kind):
                               else [ref]):
             out = module.GGUF.transform(name, part, config)
             want = out[0] if isinstance(out, tuple) else out
-            entry = report[name]
-            got = ours[name].reshape(want.shape)
+            stored, got, want = in_package(arch, name, want, ours, config)
+            entry = report[stored]
             if entry["class"] == "requantized":
                 assert np.abs(got - want).max() <= entry["max_abs_error"] * (1 + 1e-6), name
             else:
-                assert entry["class"] in ("exact", "f32-scales exact", "float"), (name, entry)
+                assert entry["class"] in ("exact", "f32-scales exact", "widened", "float"), (
+                    name, entry)
                 assert np.array_equal(got, want), name
         if "_exps.weight" in t.name:
             experts.add(t.tensor_type.name)
@@ -229,14 +263,13 @@ def test_llama_cpp_peer(family, tmp_path):
         assert same >= (0.95 if kind == "Q4_K_M" else 1.0), kind
 
 
-@pytest.mark.parametrize("family", ["qwen35moe", "gpt-oss"], indirect=True)
-@pytest.mark.parametrize("kind", ["F32", "MXFP4_MOE"])
+@pytest.mark.parametrize("kind", ["F32", "MXFP4_MOE", "Q4_K_M"])
 def test_mlx_lm_same_logits(family, tmp_path, kind):
     """mlx-lm loads the package converted from the GGUF and gives edgert's logits. gpt-oss:
     mlx-lm's YaRN always truncates its correction range, so both read the package with
-    `truncate: true` there. Not qwen3next: mlx-lm's qwen3_next takes in_proj_qkvz fused
-    (llama.cpp splits it, in types that may differ) and shifts the norms only when it stacks
-    the experts itself."""
+    `truncate: true` there. qwen3next: the package is mlx-lm's layout (norms 1 + w, conv1d
+    (C, K, 1), llama.cpp's attn_qkv and attn_gate joined back into in_proj_qkvz: in Q4_K_M
+    they are Q8_0 and Q4_K, joined at 8 bits with float32 scales, exactly)."""
     from mlx_lm.utils import load_model as mlx_lm_load
 
     arch, _, files = family
@@ -252,6 +285,11 @@ def test_mlx_lm_same_logits(family, tmp_path, kind):
     got, want = edgert_logits(ours), edgert_logits(theirs)
     print(f"{arch} {kind}: mlx-lm vs edgert {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-4
+    if arch == "qwen3next" and kind == "Q4_K_M":
+        entry = json.loads((package / "edgert.json").read_text())["tensors"][
+            "model.layers.0.linear_attn.in_proj_qkvz.weight"]
+        assert (entry["source_type"], entry["bits"], entry["scale_dtype"]) == (
+            "Q8_0 + Q4_K", 8, "float32"), entry
 
 
 @pytest.mark.parametrize("family", ["qwen35moe", "qwen3next"], indirect=True)
@@ -345,3 +383,22 @@ def test_bad_moe_gguf(family, llama_cpp_converter, tmp_path):
     assert_one_line_error(run("convert", str(cases["tensor"][0]), "-o", str(tmp_path / "cli"),
                               env_home=tmp_path), *cases["tensor"][1])
     assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3next"], indirect=True)
+def test_qwen3next_packages_written_before_still_load(family, tmp_path, monkeypatch):
+    """A qwen3next package as edgert wrote it before its layout was mlx-lm's (attn_qkv and
+    attn_gate apart as in_proj_qkv / in_proj_z, conv1d (C, 1, K), norms w) still loads, with
+    the same logits as the package written now."""
+    from edgert.models import qwen3_next
+
+    _, _, files = family
+    new, _ = load_model(convert_file(files["Q4_K_M"], tmp_path / "new", progress=False))
+    monkeypatch.delattr(qwen3_next, "package_tensors")
+    package = convert_file(files["Q4_K_M"], tmp_path / "old", progress=False)
+    monkeypatch.undo()
+    names = set(mx.load(str(package / "model.safetensors")))
+    assert "model.layers.0.linear_attn.in_proj_qkv.weight" in names
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" not in names
+    old, _ = load_model(package)
+    assert rel_err(edgert_logits(old), edgert_logits(new)) < 1e-5

@@ -29,15 +29,20 @@ def causal_mask(n_new: int, offset: int, window: int | None = None) -> mx.array:
     return mask
 
 
-def attention(q: mx.array, k, v, scale: float, mask) -> mx.array:
+def attention(q: mx.array, k, v, scale: float, mask, sinks: mx.array | None = None) -> mx.array:
     """Fused attention with grouped-query broadcast. q (B, H, L, D); k, v (B, H_kv, S, D), or
-    (w_q, scales, biases) triples from a quantized KV cache (cache.QuantizedKVCache)."""
+    (w_q, scales, biases) triples from a quantized KV cache (cache.QuantizedKVCache); `sinks`
+    (H,): one extra logit per head that takes part in the softmax and attends to nothing."""
     if isinstance(k, tuple):
-        return quantized_attention(q, k, v, scale, mask)
+        return quantized_attention(q, k, v, scale, mask, sinks)
+    if sinks is not None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask,
+                                                    sinks=sinks.astype(q.dtype))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) -> mx.array:
+def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask,
+                        sinks: mx.array | None = None) -> mx.array:
     """Attention over affine-quantized keys and values through mx.quantized_matmul; the
     reference twin is dequantizing them and calling the fused attention."""
     B, H, L, D = q.shape
@@ -50,9 +55,58 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) -> 
     scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group, bits=bits)
     if mask is not None:  # boolean (L, S): True where a query may look
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    probs = mx.softmax(scores, axis=-1, precise=True)  # (B, H_kv, rep, L, S)
+    if sinks is not None:  # a column of sink logits, dropped after the softmax
+        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, n_kv, H // n_kv, 1, 1),
+                               (*scores.shape[:-1], 1))
+        probs = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1, precise=True)
+        probs = probs[..., :-1]
+    else:
+        probs = mx.softmax(scores, axis=-1, precise=True)  # (B, H_kv, rep, L, S)
     out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group, bits=bits)
     return out.reshape(B, H, L, D)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention as most families compute it: q / k / v projections, optional
+    per-head q and k norms (before RoPE), RoPE at the cache's offset, the cache, fused
+    attention (with optional sinks), o_proj. A family sets what differs through the
+    arguments, or overrides `output` (what happens to the merged heads)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope, *,
+                 scale: float | None = None, bias: bool = False, o_bias: bool | None = None,
+                 qk_norm=None, sinks: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias if o_bias is None else o_bias)
+        if qk_norm is not None:  # a norm class over head_dim, e.g. partial(nn.RMSNorm, eps=...)
+            self.q_norm, self.k_norm = qk_norm(head_dim), qk_norm(head_dim)
+        if sinks:
+            self.sinks = mx.zeros((n_heads,))  # (H,) one extra logit per head
+        self.rope = rope
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, H*D) -> (B, H, L, D), q/k normalised per head before rope
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, self.scale, mask, getattr(self, "sinks", None))  # (B, H, L, D)
+        return self.output(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def output(self, out: mx.array) -> mx.array:
+        """(B, L, H*D) merged heads -> (B, L, dim)."""
+        return self.o_proj(out)
 
 
 def embed(embedding: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -87,6 +141,9 @@ def head_logits(model: nn.Module, h: mx.array, softcap: float | None = None) -> 
 #   hf_config(config) -> dict              (optional) the config stored in the package
 #   quant_policy(name, shape, config)      (optional) False: keep float; {"bits", "group_size"}: that
 #                                          layout; None: the default (float sources being quantized)
+#   package_tensors(records, config)       (optional, the MLX writer) the canonical records (HF
+#                                          convention) -> the package's: the layout mlx-lm's model
+#                                          loads as it is; Model.sanitize reads it back
 #   GGUF = GGUFSpec(...)                   (optional) how llama.cpp stores it
 #   COREML_GRAPH = "llama"                 (optional) the Core ML writer's graph that serves it
 

@@ -10,7 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import llama
-from .base import attention
 
 MODEL_TYPES = ("bitnet",)
 
@@ -27,18 +26,8 @@ class Attention(llama.Attention):
         super().__init__(args)
         self.attn_sub_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        # (B, L, H*D) -> (B, H, L, D)
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
-        return self.o_proj(self.attn_sub_norm(out.transpose(0, 2, 1, 3).reshape(B, L, -1)))
+    def output(self, out: mx.array) -> mx.array:
+        return self.o_proj(self.attn_sub_norm(out))
 
 
 class MLP(nn.Module):

@@ -10,13 +10,15 @@ Sliding layers get a RotatingKVCache (only the window is kept); global layers a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..errors import EdgertError, UnsupportedError
-from .base import (LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed,
+from . import base
+from .base import (LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, causal_mask, embed,
                    head_logits)
 from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
@@ -87,37 +89,17 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
 
 
-class Attention(nn.Module):
+class Attention(base.Attention):
     def __init__(self, args: ModelArgs, layer_type: str):
-        super().__init__()
-        dim, hd = args.hidden_size, args.head_dim
-        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
-        self.scale = args.query_pre_attn_scalar**-0.5
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
-        self.q_norm = RMSNorm(hd, args.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+        hd = args.head_dim
         if layer_type == SLIDING:
-            self.rope = initialize_rope(hd, args.rope_local_base_freq)
+            rope = initialize_rope(hd, args.rope_local_base_freq)
         else:
-            self.rope = initialize_rope(hd, args.rope_theta, False, args.rope_scaling,
-                                        args.max_position_embeddings)
-
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        # (B, L, H*D) -> (B, H, L, D), q/k normalised per head before rope
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            rope = initialize_rope(hd, args.rope_theta, False, args.rope_scaling,
+                                   args.max_position_embeddings)
+        super().__init__(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, hd,
+                         rope, scale=args.query_pre_attn_scalar**-0.5, bias=args.attention_bias,
+                         qk_norm=partial(RMSNorm, eps=args.rms_norm_eps))
 
 
 class MLP(nn.Module):

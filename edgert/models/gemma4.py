@@ -27,6 +27,7 @@ from ..errors import EdgertError, UnsupportedError
 from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed, head_logits
 from ..mapped_rows import MappedRows
 from .cache import KVCache, RotatingKVCache, first_of
+from .switch import SwitchGLU, check_experts, topk_softmax
 
 MODEL_TYPES = ("gemma4_text", "gemma4")  # the first is what packages store
 COREML_GRAPH = "gemma4"  # edgert.convert.coreml_gemma4 (dense variants)
@@ -65,6 +66,9 @@ class ModelArgs(BaseModelArgs):
     hidden_size_per_layer_input: int = 256
     use_double_wide_mlp: bool = False
     enable_moe_block: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
     use_bidirectional_attention: str | None = None
     tie_word_embeddings: bool = True
 
@@ -83,7 +87,10 @@ class ModelArgs(BaseModelArgs):
                 FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                        "rope_theta": 1_000_000.0}}
         if self.enable_moe_block:
-            raise UnsupportedError("Gemma 4's MoE block (enable_moe_block) is not supported yet")
+            check_experts(self.num_experts or 0, self.top_k_experts or 0, "top_k_experts")
+            if not self.moe_intermediate_size or self.moe_intermediate_size <= 0:
+                raise EdgertError("gemma4: enable_moe_block needs a positive "
+                                  f"moe_intermediate_size (got {self.moe_intermediate_size})")
         if self.use_bidirectional_attention:
             raise UnsupportedError("bidirectional Gemma 4 attention is not supported")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_new"):
@@ -94,6 +101,11 @@ class ModelArgs(BaseModelArgs):
             raise EdgertError(f"gemma4: num_kv_shared_layers {self.num_kv_shared_layers} must be "
                               f"below the layer count {n}")
         self.kv_source = self._kv_sources()
+
+    @property
+    def num_experts_per_tok(self) -> int | None:
+        """Experts a token is routed to (the other MoE families' name; None without MoE)."""
+        return self.top_k_experts if self.enable_moe_block else None
 
     @property
     def first_kv_shared(self) -> int:
@@ -219,6 +231,41 @@ class MLP(nn.Module):
         return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
 
 
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+class Router(nn.Module):
+    """The MoE router: a weightless RMSNorm scaled by `scale` / sqrt(dim), E logits, softmax,
+    the top-k renormalised, times each chosen expert's `per_expert_scale`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, self.top_k, self.eps = args.hidden_size, args.top_k_experts, args.rms_norm_eps
+        self.proj = nn.Linear(dim, args.num_experts, bias=False)
+        self.scale = mx.ones((dim,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+        self._root = dim**-0.5
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(B, L, dim) -> experts (B, L, k), weights (B, L, k) float32."""
+        x = mx.fast.rms_norm(x, self.scale * self._root, self.eps)
+        inds, weights = topk_softmax(self.proj(x), self.top_k, normalize=True)
+        return inds, weights * self.per_expert_scale[inds].astype(weights.dtype)
+
+
+class Experts(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.switch_glu = SwitchGLU(args.hidden_size, args.moe_intermediate_size,
+                                    args.num_experts, activation=geglu)
+
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """x (B, L, dim), the router's (B, L, k) choice -> (B, L, dim) weighted sum."""
+        y = self.switch_glu(x, inds)  # (B, L, k, dim)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, i: int):
         super().__init__()
@@ -231,6 +278,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dim, eps)
         self.pre_feedforward_layernorm = nn.RMSNorm(dim, eps)
         self.post_feedforward_layernorm = nn.RMSNorm(dim, eps)
+        self.moe = args.enable_moe_block
+        if self.moe:
+            self.router = Router(args)
+            self.experts = Experts(args)
+            self.pre_feedforward_layernorm_2 = nn.RMSNorm(dim, eps)
+            self.post_feedforward_layernorm_1 = nn.RMSNorm(dim, eps)
+            self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps)
         if ple := args.hidden_size_per_layer_input:
             self.per_layer_input_gate = nn.Linear(dim, ple, bias=False)
             self.per_layer_projection = nn.Linear(ple, dim, bias=False)
@@ -240,11 +294,20 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, per_layer_input, mask, cache, offset, shared_kv=None):
         a, kv = self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv)
         h = x + self.post_attention_layernorm(a)
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + self.post_feedforward_layernorm(self.feed_forward(h))
         if per_layer_input is not None:  # (B, L, ple)
             g = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
         return h * self.layer_scalar.astype(h.dtype), kv
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        """The dense MLP, and with MoE the experts beside it (both read the stream h)."""
+        y = self.mlp(self.pre_feedforward_layernorm(h))
+        if not self.moe:
+            return y
+        inds, weights = self.router(h)
+        z = self.experts(self.pre_feedforward_layernorm_2(h), inds, weights)
+        return self.post_feedforward_layernorm_1(y) + self.post_feedforward_layernorm_2(z)
 
 
 class Gemma4TextModel(nn.Module):
@@ -388,9 +451,31 @@ def hf_name(name: str, config: dict) -> str | None:
     return name
 
 
+def hf_fused(name: str, config: dict):
+    """The MoE block's fused experts -> ([package names], split): `experts.gate_up_proj`
+    (E, 2I, H) is gate then up along the output axis; `experts.down_proj` (E, H, I) is
+    already (E, out, in)."""
+    prefix, _, leaf = name.rpartition(".experts.")
+    if not prefix.startswith("model.layers.") or leaf not in ("gate_up_proj", "down_proj"):
+        return None
+    base = f"{prefix}.experts.switch_glu"
+    if leaf == "down_proj":
+        return [f"{base}.down_proj.weight"], lambda w: [w]
+    return ([f"{base}.gate_proj.weight", f"{base}.up_proj.weight"],
+            lambda w: np.split(w, 2, axis=-2))
+
+
+def quant_policy(name: str, shape: tuple, config: dict):
+    """The router stays at 8 bits (as mlx-lm's quant_predicate)."""
+    if name.endswith(".router.proj.weight"):
+        return {"bits": 8, "group_size": 64}
+    return None
+
+
 def hf_config(config: dict) -> dict:
     """The text model's config (the wrapper's text_config), with `global_head_dim` and
-    `num_global_key_value_heads` spelled out for readers of older configs (mlx-lm)."""
+    `num_global_key_value_heads` spelled out for readers of older configs (mlx-lm), and with
+    MoE the experts per token also as `num_experts_per_tok` (what `edgert info` reads)."""
     if config.get("model_type") == "gemma4":
         text = dict(config.get("text_config") or {})
         text.setdefault("model_type", "gemma4_text")
@@ -408,6 +493,8 @@ def hf_config(config: dict) -> dict:
         config.setdefault("global_head_dim", over.get("head_dim", config.get("head_dim")))
         if "num_key_value_heads" in over:
             config.setdefault("num_global_key_value_heads", over["num_key_value_heads"])
+    if config.get("enable_moe_block") and config.get("top_k_experts") is not None:
+        config["num_experts_per_tok"] = config["top_k_experts"]
     return config
 
 
@@ -442,8 +529,6 @@ def gguf_config(meta, config: dict) -> dict:
         if freqs.size != hd_full // 2 or not np.all((freqs == 1) | (freqs >= 1e29)):
             raise UnsupportedError("gemma4 rope_freqs other than proportional rope")
         rot = 2 * int((freqs == 1).sum()) / hd_full
-    if meta.get("expert_count"):
-        raise UnsupportedError("Gemma 4 MoE GGUFs are not supported yet")
     drop = ("hidden_act", "rope_theta", "rope_scaling", "attention_bias")
     config = {k: v for k, v in config.items() if k not in drop}
     config.update({
@@ -469,6 +554,10 @@ def gguf_config(meta, config: dict) -> dict:
         "final_logit_softcapping": meta.f32("final_logit_softcapping"),
         "hidden_activation": "gelu_pytorch_tanh",
     })
+    if meta.get("expert_count"):  # the MoE block (26B-A4B), on every layer
+        config.update({"enable_moe_block": True, "num_experts": int(meta.need("expert_count")),
+                       "top_k_experts": int(meta.need("expert_used_count")),
+                       "moe_intermediate_size": int(meta.need("expert_feed_forward_length"))})
     return hf_config(config)
 
 
@@ -482,8 +571,18 @@ GGUF = GGUFSpec(
         "post_attention_norm": "post_attention_layernorm",
         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
         "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
-        "post_norm": "post_per_layer_input_norm"},
-    leaves={"layer_output_scale.weight": "layer_scalar"},  # a bare parameter, stored as .weight
+        "post_norm": "post_per_layer_input_norm",
+        # the MoE block: router, experts (numpy (E, out, in), as switch_glu holds them; the
+        # converter writes gate_up_proj fused, gate rows then up rows), its three norms
+        "ffn_gate_inp": "router.proj", "ffn_down_exps": "experts.switch_glu.down_proj",
+        "ffn_gate_up_exps": ("experts.switch_glu.gate_proj", "experts.switch_glu.up_proj"),
+        "ffn_gate_exps": "experts.switch_glu.gate_proj",
+        "ffn_up_exps": "experts.switch_glu.up_proj",
+        "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+        "post_ffw_norm_1": "post_feedforward_layernorm_1",
+        "post_ffw_norm_2": "post_feedforward_layernorm_2"},
+    leaves={"layer_output_scale.weight": "layer_scalar",  # bare parameters
+            "ffn_gate_inp.scale": "router.scale", "ffn_down_exps.scale": "router.per_expert_scale"},
     config=gguf_config,
     global_tensors={"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                     "output": "lm_head", "per_layer_token_embd": "model.embed_tokens_per_layer",

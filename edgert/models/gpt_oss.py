@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import EdgertError
+from . import base
 from .base import BaseModelArgs, GGUFSpec, causal_mask, embed
 from .cache import KVCache, RotatingKVCache, first_of
 from .rope import initialize_rope
@@ -68,33 +69,13 @@ class ModelArgs(BaseModelArgs):
         check_experts(self.num_local_experts, self.num_experts_per_tok)
 
 
-class Attention(nn.Module):
+class Attention(base.Attention):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim, hd = args.hidden_size, args.head_dim
-        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
-        self.scale = hd**-0.5
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=True)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=True)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=True)
-        self.sinks = mx.zeros((self.n_heads,))  # (H,) one extra logit per head
-        self.rope = initialize_rope(hd, args.rope_theta, False, args.rope_scaling,
-                                    args.max_position_embeddings)
-
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        # (B, L, H*D) -> (B, H, L, D)
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
-                                                   sinks=self.sinks.astype(q.dtype))
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        hd = args.head_dim
+        super().__init__(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, hd,
+                         initialize_rope(hd, args.rope_theta, False, args.rope_scaling,
+                                         args.max_position_embeddings),
+                         bias=True, sinks=True)
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,7 +11,8 @@ import mlx.nn as nn
 from ..errors import EdgertError
 from ..quant import map_rows, unpermute_rows
 
-from .base import LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, attention, causal_mask, embed
+from . import base
+from .base import LLAMA_GGUF_TENSORS, BaseModelArgs, GGUFSpec, causal_mask, embed
 from .rope import initialize_rope
 
 
@@ -50,38 +52,15 @@ class ModelArgs(BaseModelArgs):
                 self.rope_scaling = self.rope_parameters
 
 
-class Attention(nn.Module):
+class Attention(base.Attention):
     def __init__(self, args: ModelArgs, qk_norm: bool = False, bias: bool | None = None):
-        super().__init__()
-        dim, hd = args.hidden_size, args.head_dim
-        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
-        self.scale = hd**-0.5
-        bias = args.attention_bias if bias is None else bias
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=args.attention_bias)
-        if qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-        self.rope = initialize_rope(hd, args.rope_theta, args.rope_traditional,
-                                    args.rope_scaling, args.max_position_embeddings)
-
-    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        # (B, L, H*D) -> (B, H, L, D)
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        hd = args.head_dim
+        super().__init__(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, hd,
+                         initialize_rope(hd, args.rope_theta, args.rope_traditional,
+                                         args.rope_scaling, args.max_position_embeddings),
+                         bias=args.attention_bias if bias is None else bias,
+                         o_bias=args.attention_bias,
+                         qk_norm=partial(nn.RMSNorm, eps=args.rms_norm_eps) if qk_norm else None)
 
 
 class MLP(nn.Module):

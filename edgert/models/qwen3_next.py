@@ -8,14 +8,23 @@ in_proj_qkvz holds, per key head, [q (Dk), k (Dk), v (r*Dv), z (r*Dv)] rows and 
 sigmoid(shared_expert_gate(x)); the other layers keep a dense MLP. Package names as
 qwen3_5_moe's (mlx-lm's): `mlp.gate`, `mlp.switch_mlp.*`, `mlp.shared_expert.*`,
 `mlp.shared_expert_gate`.
+
+The package is laid out as mlx-lm's qwen3_next loads it without changing anything (its sanitize
+leaves a package alone once the experts are stacked): zero-centred norms stored as 1 + w
+(float32), conv1d as (C, K, 1), in_proj_qkvz fused (a GGUF's in_proj_qkv / in_proj_z joined
+back), and the config keys it reads at the top level (package_tensors, hf_config). The loader
+reads that layout back (Qwen3.5's sanitize: a (C, K, 1) kernel means shifted norms), and still
+reads packages edgert wrote before it (HF layout, or in_proj_qkv / in_proj_z apart).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import qwen3_5, qwen3_5_moe
 from .base import GGUFSpec
@@ -88,13 +97,95 @@ class Model(qwen3_5.Model):
                 layer.mlp = qwen3_5_moe.SparseMoeBlock(args)
 
     def sanitize(self, weights: dict) -> dict:
-        """Qwen3.5's; linear layers whose package holds in_proj_qkv / in_proj_z apart (from a
-        GGUF) take the split layout."""
+        """Qwen3.5's (mlx-lm's (C, K, 1) conv1d and 1 + w norms back to HF's); linear layers
+        whose package holds in_proj_qkv / in_proj_z apart (from a GGUF, written before the
+        package was mlx-lm's layout) take the split layout."""
         weights = super().sanitize(weights)
         for i, layer in enumerate(self.layers):
             if f"model.layers.{i}.linear_attn.in_proj_qkv.weight" in weights:
                 layer.linear_attn.split_projections()
         return weights
+
+
+# ------------------------------------------------------------------ the package (mlx-lm's layout)
+
+
+def hf_config(config: dict) -> dict:
+    """The package's config: transformers' (rope_parameters, layer_types) plus what mlx-lm's
+    qwen3_next reads at the top level: rope_theta, partial_rotary_factor, rope_scaling (a
+    rope other than the default) and full_attention_interval (where layer_types follow one;
+    mlx-lm places full attention by it alone)."""
+    config = dict(config)
+    rope = config.get("rope_parameters") or {}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            config[key] = rope[key]
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        config["rope_scaling"] = rope
+    return qwen3_5._with_interval(config)
+
+
+def _is_norm(record) -> bool:
+    return record.name.endswith(qwen3_5.ZERO_CENTRED_NORMS) and len(record.shape) == 1
+
+
+def _shifted(record):
+    """A zero-centred norm w stored as 1 + w, in float32 (transformers computes 1 + w in
+    float32: 1 + w rounded to a bfloat16 source's dtype would lose most of w)."""
+    return dataclasses.replace(record, value=np.asarray(record.value, np.float32) + 1.0,
+                               note="stored as 1 + w (mlx-lm's convention)", reference=None)
+
+
+def _fused(parts: dict, config: dict):
+    """in_proj_qkv [q, k, v] (v grouped by key head) and in_proj_z -> in_proj_qkvz: per key
+    head [q (Dk), k (Dk), v (r*Dv), z (r*Dv)] rows, as HF and mlx-lm hold it."""
+    from ..convert.canonical import join_rows
+
+    n_k, dk = config["linear_num_key_heads"], config["linear_key_head_dim"]
+    n_v, dv = config["linear_num_value_heads"], config["linear_value_head_dim"]
+    key_dim, rv = n_k * dk, n_v // n_k * dv
+    conv_dim = 2 * key_dim + n_k * rv
+    order = np.concatenate([np.concatenate([h * dk + np.arange(dk),
+                                            key_dim + h * dk + np.arange(dk),
+                                            2 * key_dim + h * rv + np.arange(rv),
+                                            conv_dim + h * rv + np.arange(rv)])
+                            for h in range(n_k)])
+    qkv, z = parts["in_proj_qkv.weight"], parts["in_proj_z.weight"]
+    return join_rows(qkv.name.replace("in_proj_qkv", "in_proj_qkvz"), [qkv, z], order)
+
+
+def package_tensors(records, config: dict):
+    """Canonical records (HF convention) -> mlx-lm's layout (see the module docstring). A
+    source already in it (an mlx-lm package: conv1d (C, K, 1)) passes through; norms wait for
+    the first conv1d kernel to show which (there is one per linear layer)."""
+    held, shifted = [], None  # norms seen before the first conv1d; whether they need 1 + w
+    pending: dict[str, dict] = {}  # layer -> the in_proj_qkv / in_proj_z seen so far
+    for r in records:
+        if r.name.endswith("linear_attn.conv1d.weight") and len(r.shape) == 3:
+            hf = r.shape[1] == 1 and r.shape[2] != 1  # HF (C, 1, K); mlx-lm (C, K, 1)
+            shifted = hf if shifted is None else shifted
+            if hf:
+                r = dataclasses.replace(r, value=np.ascontiguousarray(r.value.swapaxes(1, 2)),
+                                        note="(C, K, 1), mlx-lm's layout", reference=None)
+            yield r
+            yield from (_shifted(h) if shifted else h for h in held)
+            held = []
+        elif _is_norm(r):
+            if shifted is None:
+                held.append(r)
+            else:
+                yield _shifted(r) if shifted else r
+        elif r.name.endswith((".linear_attn.in_proj_qkv.weight", ".linear_attn.in_proj_z.weight")):
+            layer, _, leaf = r.name.rpartition(".linear_attn.")
+            parts = pending.setdefault(layer, {})
+            parts[leaf] = r
+            if len(parts) == 2:
+                yield _fused(pending.pop(layer), config)
+        else:
+            yield r
+    yield from (_shifted(h) for h in held)  # no linear layer: the source was HF's
+    for parts in pending.values():  # a half the reader's checks let through: as read
+        yield from parts.values()
 
 
 # ------------------------------------------------------------------ GGUF (llama.cpp "qwen3next")
@@ -110,8 +201,9 @@ GGUF_TENSORS = ({k: v for k, v in qwen3_5.GGUF_TENSORS.items()
 
 
 def gguf_config(meta, config: dict) -> dict:
-    return {**qwen3_5_moe.gguf_config(meta, config), "norm_topk_prob": True,
-            "decoder_sparse_step": 1, "mlp_only_layers": []}
+    """Qwen3.5-MoE's keys; every layer routes and renormalises; mlx-lm's top-level keys."""
+    return hf_config({**qwen3_5_moe.gguf_config(meta, config), "norm_topk_prob": True,
+                      "decoder_sparse_step": 1, "mlp_only_layers": []})
 
 
 def gguf_transform(name: str, value, config: dict):

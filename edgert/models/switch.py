@@ -126,10 +126,11 @@ def topk_softmax(logits: mx.array, k: int, normalize: bool) -> tuple[mx.array, m
     return inds, scores
 
 
-def check_experts(num_experts: int, top_k: int) -> None:
-    """One-line errors for an impossible routing configuration."""
+def check_experts(num_experts: int, top_k: int, top_k_name: str = "num_experts_per_tok") -> None:
+    """One-line errors for an impossible routing configuration (`top_k_name`: the config's
+    name for k)."""
     if num_experts <= 0:
         raise EdgertError(f"num_experts must be positive (got {num_experts})")
     if not 0 < top_k <= num_experts:
-        raise EdgertError(f"num_experts_per_tok {top_k} must be between 1 and the expert "
+        raise EdgertError(f"{top_k_name} {top_k} must be between 1 and the expert "
                           f"count {num_experts}")

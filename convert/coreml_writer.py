@@ -55,9 +55,11 @@ from edgert.signals import raise_pending
 from .canonical import EXACT, FLOAT, REQUANTIZED, WIDENED, CanonicalModel, QuantTensor
 
 MASK_VALUE = -1e4  # additive mask value; finite so fp16 softmax never sees -inf - -inf
-# the graphs this writer builds; a module names its own (COREML_GRAPH): "llama" here, "hybrid"
-# (Gated DeltaNet + gated attention, Qwen3.5) in convert/coreml_hybrid.py
-GRAPHS = ("llama", "hybrid")
+# the graphs this writer builds, by the name a module gives as COREML_GRAPH -> "module:class"
+# of this package: "llama" here, "hybrid" (Gated DeltaNet + gated attention, Qwen3.5),
+# "gemma4" (sliding windows, KV sharing, per-layer embeddings read outside the program)
+GRAPHS = {"llama": "coreml_writer:_Graph", "hybrid": "coreml_hybrid:HybridGraph",
+          "gemma4": "coreml_gemma4:Gemma4Graph"}
 TARGETS = ("iOS18", "iOS26")
 DEFAULT_CONTEXT = 2048
 PREFILL_MAX = 512  # longest prefill chunk: bounds the (L, context) mask and attention scores
@@ -77,7 +79,8 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One Core ML state: fp16, `kind` "kv_cache" (positional) or "recurrent" (carried)."""
+    """One Core ML state: fp16, `kind` "kv_cache" (positional), "window" (the last positions
+    of a sliding window, shifted along) or "recurrent" (carried); see STATE_KINDS."""
 
     name: str
     shape: tuple
@@ -86,6 +89,17 @@ class StateSpec:
     @property
     def nbytes(self) -> int:
         return 2 * int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An input beyond input_ids / position / causal_mask: fp16 (1, L, *dims), its values
+    made outside the program as `source` says (written to the manifest)."""
+
+    name: str
+    dims: tuple
+    source: dict
+    dtype: str = "float16"
 
 
 @dataclass
@@ -116,6 +130,10 @@ class Arch:
         """The package's states (in this order in both functions and the manifest)."""
         return graph_class(self.graph).states(self, context)
 
+    def extra_inputs(self) -> list[InputSpec]:
+        """The graph's inputs beyond the three every package has (in this order)."""
+        return graph_class(self.graph).extra_inputs(self)
+
     @classmethod
     def from_config(cls, config: dict) -> "Arch":
         model_type = config.get("model_type", "<missing>")
@@ -138,11 +156,10 @@ class Arch:
             raise EdgertError(f"config.json: {e}") from None
         if getattr(a, "rope_traditional", False):
             raise UnsupportedError("Core ML export: traditional (interleaved) RoPE")
-        rotary = int(a.head_dim * getattr(a, "partial_rotary_factor", 1.0))  # partial rotary
+        graph = graph_class(module.COREML_GRAPH)
         return cls(model_type, a.num_hidden_layers, a.hidden_size, a.num_attention_heads,
                    a.num_key_value_heads, a.head_dim, a.vocab_size, a.rms_norm_eps,
-                   rope_inv_freq(rotary, a.rope_theta, a.rope_scaling),
-                   a.max_position_embeddings, bool(a.tie_word_embeddings),
+                   graph.inv_freq(a), a.max_position_embeddings, bool(a.tie_word_embeddings),
                    module.COREML_GRAPH, a, module)
 
 
@@ -373,10 +390,12 @@ class _Graph:
     States are read once each (`read`) and their updated values threaded through the layers
     (`update`: slice_update, then its coreml_update_state at once)."""
 
-    def __init__(self, arch: Arch, weights: dict[str, Encoded], context: int):
+    def __init__(self, arch: Arch, weights: dict[str, Encoded], context: int,
+                 inputs: dict | None = None):
         from coremltools.converters.mil import Builder as mb
 
         self.mb, self.arch, self.weights, self.context = mb, arch, weights, context
+        self.inputs = dict(inputs or {})  # extra input name -> the function's input Var
         self._vars: dict = {}
         self._state_vars: dict = {}  # state name -> its function input
         self._values: dict = {}  # state name -> the latest value (threaded)
@@ -385,6 +404,16 @@ class _Graph:
     def states(arch: Arch, context: int) -> list[StateSpec]:
         shape = (arch.n_layers, arch.n_kv_heads, context, arch.head_dim)
         return [StateSpec(STATES[0], shape, "kv_cache"), StateSpec(STATES[1], shape, "kv_cache")]
+
+    @staticmethod
+    def extra_inputs(arch: Arch) -> list[InputSpec]:
+        return []
+
+    @staticmethod
+    def inv_freq(a) -> np.ndarray:
+        """(rotary dims // 2,) inverse frequencies of the model's ModelArgs `a`."""
+        rotary = int(a.head_dim * getattr(a, "partial_rotary_factor", 1.0))  # partial rotary
+        return rope_inv_freq(rotary, a.rope_theta, a.rope_scaling)
 
     def read(self, states: dict) -> None:
         """Read every state once (states: name -> the function's state input)."""
@@ -526,12 +555,11 @@ class _Graph:
 
 
 def graph_class(name: str) -> type:
-    """The graph builder named by a module's COREML_GRAPH."""
-    if name == "hybrid":
-        from .coreml_hybrid import HybridGraph
+    """The graph builder named by a module's COREML_GRAPH (see GRAPHS)."""
+    import importlib
 
-        return HybridGraph
-    return _Graph
+    module, cls = GRAPHS[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 
 
 def build_program(arch: Arch, weights: dict[str, Encoded], context: int, function: str,
@@ -544,15 +572,18 @@ def build_program(arch: Arch, weights: dict[str, Encoded], context: int, functio
     decode = function == "decode"
     L = 1 if decode else get_new_symbol()
     states = arch.states(context)
+    extra = arch.extra_inputs()
     specs = {
         "input_ids": mb.TensorSpec((1, L), types.int32),
         "position": mb.TensorSpec((1,), types.int32),
         "causal_mask": mb.TensorSpec((1, 1, L, context), types.fp16),
+        **{e.name: mb.TensorSpec((1, L, *e.dims), types.fp16) for e in extra},
         **{s.name: mb.StateTensorSpec(s.shape, types.fp16) for s in states},
     }
     with Function(specs, opset_version=getattr(ct.target, target)) as func:
         i = func.inputs
-        logits = graph_class(arch.graph)(arch, weights, context).build(
+        graph = graph_class(arch.graph)(arch, weights, context, {e.name: i[e.name] for e in extra})
+        logits = graph.build(
             i["input_ids"], i["position"], i["causal_mask"], {s.name: i[s.name] for s in states},
             decode)
         func.set_outputs([logits])
@@ -579,7 +610,8 @@ def convert_multifunction(arch: Arch, weights: dict[str, Encoded], context: int,
         if progress:
             progress(f"building and optimising {fn}", 0, 0)
         prog = build_program(arch, weights, context, fn, target)
-        optimised = convert_program(prog, fn, context, target, convert_to="milinternal")
+        optimised = convert_program(prog, fn, context, target, convert_to="milinternal",
+                                    extra=arch.extra_inputs())
         multi.add_function(fn, optimised.functions["main"])
     multi.default_function_name = "decode"
     share_consts_across_functions(multi)
@@ -638,15 +670,18 @@ def _quiet_passes():
 
 
 def convert_program(prog, function: str, context: int, target: str, pipeline=None,
-                    convert_to: str = "mlprogram"):
+                    convert_to: str = "mlprogram", extra: list[InputSpec] = ()):
     """MIL program -> MLModel (not loaded: Core ML cannot run on Linux), or with convert_to
-    "milinternal" the optimised MIL program (nothing serialised)."""
+    "milinternal" the optimised MIL program (nothing serialised). `extra`: the graph's
+    inputs beyond the three every package has."""
     import coremltools as ct
 
     L = 1 if function == "decode" else ct.RangeDim(1, prefill_max(context), 1)
     inputs = [ct.TensorType(name="input_ids", shape=(1, L), dtype=np.int32),
               ct.TensorType(name="position", shape=(1,), dtype=np.int32),
-              ct.TensorType(name="causal_mask", shape=(1, 1, L, context), dtype=np.float16)]
+              ct.TensorType(name="causal_mask", shape=(1, 1, L, context), dtype=np.float16),
+              *(ct.TensorType(name=e.name, shape=(1, L, *e.dims), dtype=np.float16)
+                for e in extra)]
     with _quiet_passes():
         return ct.convert(prog, inputs=inputs, convert_to=convert_to,
                           minimum_deployment_target=getattr(ct.target, target),
@@ -699,11 +734,13 @@ def package_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: str,
-                   summary: dict, weights_digest: str | None = None) -> dict:
+                   summary: dict, weights_digest: str | None = None,
+                   sources: dict | None = None) -> dict:
     """The contract a Swift app reads (also stored in the model's user-defined metadata):
     names and shapes of the functions, inputs, outputs and states, the tokens, the tokenizer
     files, the chat template reduced to role prefixes / suffixes (`chat_format`, see
-    edgert.convert.chat_format) and the weights' SHA-256."""
+    edgert.convert.chat_format) and the weights' SHA-256. `sources`: per extra input, what
+    the writer adds to its source (the layout of the file it wrote)."""
     from edgert import __version__
 
     from .chat_format import chat_format_from_files
@@ -715,6 +752,8 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
     stop = sorted(set(eos) | set(_token_ids(gen.get("eos_token_id"))))
     L = -1  # flexible: 1 <= L <= prefill_max(context)
     states = arch.states(context)
+    extra = arch.extra_inputs()
+    sources = sources or {}
 
     def io(decode: bool) -> dict:
         n = 1 if decode else L
@@ -723,6 +762,8 @@ def build_manifest(canonical: CanonicalModel, arch: Arch, context: int, target: 
                 {"name": "input_ids", "shape": [1, n], "dtype": "int32"},
                 {"name": "position", "shape": [1], "dtype": "int32"},
                 {"name": "causal_mask", "shape": [1, 1, n, context], "dtype": "float16"},
+                *({"name": e.name, "shape": [1, n, *e.dims], "dtype": e.dtype,
+                   "source": dict(e.source, **sources.get(e.name, {}))} for e in extra),
             ],
             "outputs": [{"name": "logits", "shape": [1, 1, arch.vocab], "dtype": "float32"}],
             "states": [{"name": s.name, "shape": list(s.shape), "dtype": "float16",
@@ -872,6 +913,63 @@ def check_output(out: Path, target: str, force: bool) -> None:
         raise EdgertError(f"{out}: cannot write in {parent} (read-only or no permission)")
 
 
+class PackageFiles:
+    """Tensors of the modules a model keeps in files of their own (`package_files`: module
+    path -> file name, as the MLX package has them), written tensor by tensor into `folder`
+    as safetensors in the MLX package's layout: quantized tables as weight / scales / biases,
+    float ones as fp16."""
+
+    def __init__(self, folder: Path, modules: dict[str, str]):
+        self.folder, self.modules = folder, dict(modules)
+        self.writers: dict = {}
+        self.layouts: dict[str, dict] = {}  # module -> its file's description
+
+    def add(self, name: str, rec) -> bool:
+        """Write `rec` (package name `name`) if it belongs to such a module; False if not."""
+        from .mlx_writer import ShardWriter, _arrays, header_reserve
+
+        module = next((m for m in self.modules if name.startswith(m + ".")), None)
+        if module is None:
+            return False
+        file = self.modules[module]
+        if file not in self.writers:
+            self.writers[file] = ShardWriter(self.folder / file, header_reserve(8))
+        v = rec.value
+        arrays = _arrays(rec) if isinstance(v, QuantTensor) else {
+            rec.name: np.asarray(v).astype(np.float16)}
+        for key, a in arrays.items():
+            self.writers[file].add(key.replace(rec.name.removesuffix(".weight"), module, 1), a)
+        quant = ({"bits": v.bits, "group_size": v.group_size, "mode": v.mode}
+                 if isinstance(v, QuantTensor) else None)
+        self.layouts[module] = {"path": file, "tensor": module, "shape": list(rec.shape),
+                                "quantization": quant,
+                                "description": f"{module} ({rec.source_type}), read outside "
+                                               "the program"}
+        return True
+
+    def close(self) -> dict[str, dict]:
+        """module -> {"path", "tensor", "shape", "quantization", "bytes", "description"}."""
+        for file, w in self.writers.items():
+            w.close({"format": "mlx"})
+        for layout in self.layouts.values():
+            layout["bytes"] = (self.folder / layout["path"]).stat().st_size
+        return self.layouts
+
+
+def _input_sources(arch: Arch, files: dict[str, dict]) -> dict[str, dict]:
+    """Per extra input whose source is a table in a package file: that file's layout."""
+    out = {}
+    for e in arch.extra_inputs():
+        tensor = e.source.get("tensor")
+        if tensor is not None:
+            if tensor not in files:
+                raise EdgertError(f"the model has no {tensor}.weight (input {e.name} reads it)")
+            f = files[tensor]
+            out[e.name] = {"path": f["path"], "shape": f["shape"],
+                           "quantization": f["quantization"], "bytes": f["bytes"]}
+    return out
+
+
 def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = None,
                  target: str = "iOS18", force: bool = False,
                  progress: Progress | None = None) -> dict:
@@ -898,29 +996,39 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
 
     # a module's model_name(name) maps package names to its model's (e.g. a VL wrapper's text)
     rename = getattr(arch.module, "model_name", lambda n: n)
-    weights, records = {}, {}
-    for i, rec in enumerate(canonical.tensors(), 1):
-        name = rename(rec.name)
-        if name is not None and "rotary_emb.inv_freq" not in name:
-            v = rec.value
-            enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
-            # provenance only: keeping `rec` would keep its packed source codes (4 GB for an
-            # 8B 4-bit model) alongside the encoded ones until the report is written
-            weights[name], records[name] = enc, {
-                "source_name": rec.source_name, "source_type": rec.source_type,
-                "source_class": rec.mapping, "note": rec.note}
-        if progress:
-            progress("encoding weights", i, canonical.tensor_count)
-    if "model.embed_tokens.weight" not in weights:
-        raise EdgertError("the model has no model.embed_tokens.weight")
-    if arch.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in weights:
-        raise EdgertError("the model has no lm_head.weight and does not tie embeddings")
-    t_encode = time.time() - t0
-
     work = _work_folder(out)
     try:
+        item = work / "edgert"
+        (item / "tokenizer").mkdir(parents=True)
+        # modules the model keeps in a file of its own (Gemma 4's per-layer embeddings): the
+        # file goes into the package as it is, read outside the program
+        own = PackageFiles(item, getattr(getattr(arch.module, "Model", None),
+                                         "package_files", {}))
+        weights, records = {}, {}
+        for i, rec in enumerate(canonical.tensors(), 1):
+            name = rename(rec.name)
+            if name is not None and own.add(name, rec):
+                pass
+            elif name is not None and "rotary_emb.inv_freq" not in name:
+                v = rec.value
+                enc = encode_quant(v, target) if isinstance(v, QuantTensor) else encode_float(v)
+                # provenance only: keeping `rec` would keep its packed source codes (4 GB for
+                # an 8B 4-bit model) alongside the encoded ones until the report is written
+                weights[name], records[name] = enc, {
+                    "source_name": rec.source_name, "source_type": rec.source_type,
+                    "source_class": rec.mapping, "note": rec.note}
+            del rec
+            if progress:
+                progress("encoding weights", i, canonical.tensor_count)
+        files = own.close()
+        if "model.embed_tokens.weight" not in weights:
+            raise EdgertError("the model has no model.embed_tokens.weight")
+        if arch.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        elif "lm_head.weight" not in weights:
+            raise EdgertError("the model has no lm_head.weight and does not tie embeddings")
+        t_encode = time.time() - t0
+
         t_convert = time.time()
         pkg = work / out.name
         try:  # coremltools writes weight.bin while converting, then the package
@@ -936,15 +1044,18 @@ def write_coreml(canonical: CanonicalModel, out: Path, *, context: int | None = 
         if progress:
             progress("measuring bits per weight", 0, 0)
         tensors, summary = _tensor_report(pkg, weights, records)
+        summary["package_files"] = {f["path"]: f["bytes"] for f in files.values()}
         manifest = build_manifest(canonical, arch, context, target, summary,
-                                  weights_sha256(pkg))
-        item = work / "edgert"
-        (item / "tokenizer").mkdir(parents=True)
+                                  weights_sha256(pkg), sources=_input_sources(arch, files))
         for name, data in package_tokenizer_files(canonical.tokenizer_files).items():
             (item / "tokenizer" / name).write_bytes(data)
         (item / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _add_item(pkg, item / "manifest.json", "manifest.json", "edgert manifest")
         _add_item(pkg, item / "tokenizer", "tokenizer", "tokenizer files")
+        for f in files.values():  # registered with a stand-in, then moved in (no copy)
+            (work / "stand-in").write_bytes(b"")
+            _add_item(pkg, work / "stand-in", f["path"], f["description"])
+            os.replace(item / f["path"], manifest_path(pkg).parent / f["path"])
         _set_metadata(pkg, manifest, canonical)
 
         raise_pending()  # an interrupt coremltools swallowed still stops the commit

@@ -153,6 +153,7 @@ class CoreMLModel:
         self.vocab_size: int = self.manifest["vocab_size"]
         self.prefill_max: int = self.manifest["functions"]["prefill"]["max_length"]
         self._masked = float(self.manifest["causal_mask"]["masked_value"])
+        self.sources = input_sources(self.path, self.manifest)  # extra input -> ids -> values
         self.runner = make_runner(self.path, backend, compute_units)
 
     @property
@@ -180,10 +181,54 @@ class CoreMLModel:
             chunk = ids[:, start:start + self.prefill_max]  # (1, n)
             n = chunk.shape[1]
             feeds = {"input_ids": chunk, "position": np.array([c.offset], np.int32),
-                     "causal_mask": causal_mask(c.offset, n, self.context, self._masked)}
+                     "causal_mask": causal_mask(c.offset, n, self.context, self._masked),
+                     **{name: values(chunk) for name, values in self.sources.items()}}
             logits = self.runner.predict("decode" if n == 1 else "prefill", feeds, c.core_state)
             c.offset += n
         return mx.array(np.asarray(logits, np.float32).reshape(1, 1, -1))
+
+
+SOURCE_KINDS = ("embedding_rows",)
+
+
+def input_sources(pkg: Path, manifest: dict) -> dict:
+    """The package's extra inputs (beyond input_ids, position, causal_mask) as functions of a
+    chunk's ids (1, L) -> the values to feed. "embedding_rows": the rows of a table in a file
+    of the package (memory-mapped; dequantized, fp16), e.g. Gemma 4's per-layer embeddings.
+    A missing or short file, or a source this engine does not know, raises a one-line error."""
+    from .mapped_rows import MappedRows
+
+    folder = manifest_path(pkg).parent
+    out = {}
+    for spec in manifest["functions"]["decode"]["inputs"][3:]:
+        src, name = spec.get("source") or {}, spec.get("name")
+        if src.get("kind") not in SOURCE_KINDS:
+            raise UnsupportedError(f"{pkg}: input {name!r} has source {src.get('kind')!r}, "
+                                   f"which this engine does not provide")
+        path = folder / str(src.get("path", ""))
+        if not path.resolve().is_relative_to(folder.resolve()) or path == folder:
+            raise EdgertError(f"{pkg}: input {name!r} names a file outside the package "
+                              f"({src.get('path')!r})")
+        try:
+            shape = tuple(int(d) for d in src["shape"])
+            rows = MappedRows.open(path, src["tensor"], shape, src.get("quantization"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgertError(f"{pkg}: input {name!r}: bad source in the manifest ({e})") from None
+        width = spec["shape"][-1]
+        if width != shape[1]:
+            raise EdgertError(f"{pkg}: input {name!r} takes rows of {width}, its table has "
+                              f"{shape[1]}")
+        out[name] = _row_lookup(rows, shape[0], name)
+    return out
+
+
+def _row_lookup(rows, vocab: int, name: str):
+    def values(ids: np.ndarray) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise EdgertError(f"token id {int(ids.max())} is outside the {vocab} rows of "
+                              f"{name}")
+        return np.array(rows(mx.array(ids), mx.float32)).astype(np.float16)  # (1, L, cols)
+    return values
 
 
 def is_coreml_package(model) -> bool:

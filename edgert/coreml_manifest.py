@@ -15,7 +15,9 @@ MANIFEST_VERSION = 2  # 2: chat_format, weights_sha256, a kind per state; reads 
 MANIFEST_AUTHOR = "com.edgert"  # package items live in <pkg>/Data/com.edgert/
 FUNCTIONS = ("prefill", "decode")
 STATES = ("key_cache", "value_cache")
-STATE_KINDS = ("kv_cache", "recurrent")  # positional (rewindable) or carried forward
+# positional (rewindable); a sliding window's last positions, shifted along (not rewindable);
+# carried forward (not rewindable)
+STATE_KINDS = ("kv_cache", "window", "recurrent")
 WEIGHTS = ("Data", "com.apple.CoreML", "weights")  # weight files, hashed into weights_sha256
 # Fields a runtime needs, as paths into the manifest, each a positive integer or a number.
 REQUIRED = {("context_length",): int, ("vocab_size",): int,

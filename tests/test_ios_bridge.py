@@ -271,6 +271,46 @@ def chat(package, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> Path:
+    """Embedding tables written by the Core ML exporter's file writer (quantized 3 / 4 / 6
+    bits with fp16 or fp32 scales, and float), and the rows edgert's Python lookup reads
+    from them (float32, and as the fp16 the program takes)."""
+    import mlx.core as mx
+
+    from edgert.convert.canonical import FLOAT, TensorRecord
+    from edgert.convert.coreml_writer import PackageFiles
+    from edgert.mapped_rows import MappedRows
+    from edgert.quant import QuantTensor
+
+    folder = tmp_path_factory.mktemp("rows")
+    R, C = 37, 192
+    w = mx.random.normal((R, C), key=mx.random.key(7)) * 0.05
+    cases = []
+    for name, bits, group, scale_dtype in [("q4", 4, 32, np.float16), ("q3", 3, 64, np.float16),
+                                           ("q6f32", 6, 64, np.float32), ("f16", 0, 0, None)]:
+        tensor = "model.embed_tokens_per_layer"
+        if bits:
+            w_q, s, b = mx.quantize(w, group, bits)
+            value = QuantTensor(np.array(w_q), np.array(s).astype(scale_dtype),
+                                np.array(b).astype(scale_dtype), bits, group)
+        else:
+            value = np.array(w)
+        files = PackageFiles(folder, {tensor: f"{name}.safetensors"})
+        files.add(f"{tensor}.weight", TensorRecord(f"{tensor}.weight", value, "t", "t", FLOAT))
+        layout = files.close()[tensor]
+        table = MappedRows.open(folder / layout["path"], tensor, (R, C), layout["quantization"])
+        tokens = [0, 7, R - 1, 3, 7]
+        got = np.array(table(mx.array([tokens]), mx.float32))[0]  # (L, C)
+        (folder / f"{name}.f32").write_bytes(got.astype("<f4").tobytes())
+        (folder / f"{name}.f16").write_bytes(got.astype("<f2").tobytes())
+        cases.append({"file": layout["path"], "tensor": tensor, "rows": R, "columns": C,
+                      "quantization": layout["quantization"], "tokens": tokens,
+                      "floats": f"{name}.f32", "halves": f"{name}.f16"})
+    (folder / "cases.json").write_text(json.dumps(cases))
+    return folder
+
+
 # -------------------------------------------------------------------------------------------
 # Python side of the contract
 # -------------------------------------------------------------------------------------------
@@ -329,12 +369,13 @@ def test_sentencepiece_package_files_keep_bos():
 # -------------------------------------------------------------------------------------------
 
 
-def test_swift_test_passes(package, generation, tokenizers, chat):
+def test_swift_test_passes(package, generation, tokenizers, chat, rows):
     swift = shutil.which("swift")
     if swift is None:
         pytest.fail("swift is not on PATH: the iOS bridge's tests need the Swift toolchain")
     env = dict(os.environ, EDGERT_TEST_PACKAGE=str(package), EDGERT_TEST_GENERATION=str(generation),
-               EDGERT_TEST_TOKENIZERS=str(tokenizers), EDGERT_TEST_CHAT=str(chat))
+               EDGERT_TEST_TOKENIZERS=str(tokenizers), EDGERT_TEST_CHAT=str(chat),
+               EDGERT_TEST_ROWS=str(rows))
     run = subprocess.run([swift, "test", "--package-path", str(SWIFT_ROOT)], env=env,
                          capture_output=True, text=True, timeout=3600)
     out = run.stdout + run.stderr

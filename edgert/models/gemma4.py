@@ -16,8 +16,6 @@ rows of its tokens, so the table does not count against resident memory.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +25,12 @@ import numpy as np
 
 from ..errors import EdgertError, UnsupportedError
 from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed, head_logits
+from ..mapped_rows import MappedRows
 from .cache import KVCache, RotatingKVCache, first_of
 from .switch import SwitchGLU, check_experts, topk_softmax
 
 MODEL_TYPES = ("gemma4_text", "gemma4")  # the first is what packages store
+COREML_GRAPH = "gemma4"  # edgert.convert.coreml_gemma4 (dense variants)
 SLIDING, FULL = "sliding_attention", "full_attention"
 PLE = "model.embed_tokens_per_layer"
 PLE_FILE = "model-per-layer-embeddings.safetensors"  # mlx-lm globs model*.safetensors too
@@ -138,6 +138,23 @@ class ModelArgs(BaseModelArgs):
         return self.global_head_dim or self.head_dim, n_kv
 
 
+def rope_wavelengths(dims: int, params: dict) -> np.ndarray:
+    """(dims / 2,) float32 wavelengths of the pairs (i, i + dims/2); inf for pairs that stay
+    fixed (proportional rope turns only the first `partial_rotary_factor * dims / 2`)."""
+    kind = params.get("rope_type", "default")
+    base = params["rope_theta"]
+    if kind == "default":
+        turned = dims // 2
+    elif kind == "proportional":
+        turned = int(params.get("partial_rotary_factor", 1.0) * dims // 2)
+    else:
+        raise UnsupportedError(f"gemma4 rope type {kind!r} is not supported")
+    factor = params.get("factor", 1.0)
+    wavelengths = factor * base ** (np.arange(0, 2 * turned, 2, dtype=np.float32) / dims)
+    fixed = np.full(dims // 2 - turned, np.inf, np.float32)  # angle 0
+    return np.concatenate([wavelengths, fixed])
+
+
 class RoPE(nn.Module):
     """Rotary embedding over the whole head (pairs i, i + D/2); with rope_type "proportional"
     only the first `partial_rotary_factor * D / 2` pairs turn (frequencies base^(2i/D), the
@@ -145,19 +162,8 @@ class RoPE(nn.Module):
 
     def __init__(self, dims: int, params: dict):
         super().__init__()
-        kind = params.get("rope_type", "default")
-        base = params["rope_theta"]
-        if kind == "default":
-            turned = dims // 2
-        elif kind == "proportional":
-            turned = int(params.get("partial_rotary_factor", 1.0) * dims // 2)
-        else:
-            raise UnsupportedError(f"gemma4 rope type {kind!r} is not supported")
-        factor = params.get("factor", 1.0)
-        wavelengths = factor * base ** (np.arange(0, 2 * turned, 2, dtype=np.float32) / dims)
-        fixed = np.full(dims // 2 - turned, np.inf, np.float32)  # angle 0
         self.dims = dims
-        self._freqs = mx.array(np.concatenate([wavelengths, fixed]))  # (dims/2,)
+        self._freqs = mx.array(rope_wavelengths(dims, params))  # (dims/2,)
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0,
@@ -430,99 +436,6 @@ class Model(nn.Module):
     def activation_dtype(self, dtype: mx.Dtype) -> None:
         # Gemma's residual stream outgrows float16 (see gemma3): bfloat16 instead
         self._activation_dtype = mx.bfloat16 if dtype == mx.float16 else dtype
-
-
-# ------------------------------------------------------------------ the PLE table in a file
-
-
-_ST_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
-
-
-class MappedRows:
-    """A (rows, cols) embedding table (float, or MLX affine: weight/scales/biases) in a
-    safetensors file, memory-mapped: a lookup copies only the rows of the ids asked for."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], dtypes: dict[str, str],
-                 quant: dict | None):
-        self.arrays, self.dtypes, self.quant = arrays, dtypes, quant
-
-    @classmethod
-    def open(cls, file: Path, module: str, shape: tuple[int, int],
-             quantization: dict | None) -> "MappedRows":
-        """Map `module`'s tensors in `file`; a missing file, a missing tensor, a shape other
-        than `shape` or a file shorter than its header says raises EdgertError."""
-        if not file.is_file():
-            raise EdgertError(f"{file.parent}: the per-layer embedding file {file.name} is missing")
-        size = file.stat().st_size
-        try:
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-        except (ValueError, OSError) as e:
-            raise EdgertError(f"{file}: not a safetensors file ({e})") from None
-        quant = _module_quant(quantization, module) if f"{module}.scales" in header else None
-        rows, cols = shape
-        want = {"weight": (rows, cols * quant["bits"] // 32 if quant else cols)}
-        if quant:
-            want |= {k: (rows, cols // quant["group_size"]) for k in ("scales", "biases")}
-        arrays, dtypes = {}, {}
-        for leaf, wshape in want.items():
-            e = header.get(f"{module}.{leaf}")
-            if e is None or e["dtype"] not in _ST_NUMPY:
-                raise EdgertError(f"{file}: no usable {module}.{leaf}")
-            if tuple(e["shape"]) != wshape:
-                raise EdgertError(f"{file}: {module}.{leaf} has shape {tuple(e['shape'])}, "
-                                  f"the config needs {wshape}")
-            start, end = (8 + n + o for o in e["data_offsets"])
-            dt = np.dtype(_ST_NUMPY[e["dtype"]])
-            if end > size or end - start != math.prod(wshape) * dt.itemsize:
-                raise EdgertError(f"{file}: shorter than the {module}.{leaf} table it should "
-                                  f"hold ({size} bytes, needs {end})")
-            arrays[leaf] = np.memmap(file, dtype=dt, mode="r", offset=start, shape=wshape)
-            dtypes[leaf] = e["dtype"]
-        return cls(arrays, dtypes, quant)
-
-    def resident(self) -> "MappedRows":
-        """The same table read into memory with plain reads (what a runtime without the map
-        holds; no page of the map is touched)."""
-        arrays = {}
-        for k, v in self.arrays.items():
-            with open(v.filename, "rb") as f:
-                f.seek(v.offset)
-                arrays[k] = np.fromfile(f, v.dtype, v.size).reshape(v.shape)
-        return MappedRows(arrays, self.dtypes, self.quant)
-
-    def _rows(self, leaf: str, idx: np.ndarray) -> mx.array:
-        a = mx.array(self.arrays[leaf][idx])  # only these rows are read from the file
-        return a.view(mx.bfloat16) if self.dtypes[leaf] == "BF16" else a
-
-    def __call__(self, ids: mx.array, dtype: mx.Dtype) -> mx.array:
-        """(B, L) ids -> (B, L, cols) rows in `dtype`."""
-        idx = np.array(ids, dtype=np.int64)
-        w = self._rows("weight", idx)
-        if self.quant is None:
-            return w.astype(dtype)
-        q = self.quant
-        return mx.dequantize(w, self._rows("scales", idx).astype(dtype),
-                             self._rows("biases", idx).astype(dtype), q["group_size"], q["bits"])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes read per token looked up."""
-        return sum(a.nbytes // a.shape[0] for a in self.arrays.values())
-
-
-def _module_quant(quantization: dict | None, module: str) -> dict:
-    if not quantization:
-        raise EdgertError(f"{module} is quantized but config.json has no quantization")
-    q = quantization.get(module, quantization)
-    if q.get("mode", "affine") != "affine":
-        raise UnsupportedError(f"{module}: quantization mode {q.get('mode')!r} (affine only)")
-    return {"bits": q["bits"], "group_size": q["group_size"]}
 
 
 # ------------------------------------------------------------------ Hugging Face checkpoints

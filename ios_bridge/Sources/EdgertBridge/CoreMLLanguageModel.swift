@@ -4,16 +4,21 @@ import Foundation
 
 /// An edgert Core ML package as a `LanguageModel`: its `prefill` and `decode` functions (one
 /// MLModel each, sharing the weights) and one `MLState` holding every state the manifest
-/// declares (the KV cache; recurrent states where a package has them).
+/// declares (the KV cache; window and recurrent states where a package has them). Inputs with
+/// an `embedding_rows` source (Gemma 4's per-layer embeddings) are read from the package's
+/// memory-mapped file for each call's tokens (`EmbeddingRows`).
 public actor CoreMLLanguageModel: LanguageModel {
     public nonisolated let info: ModelInfo
     public nonisolated let manifest: Manifest
     private let prefillModel: MLModel
     private let decodeModel: MLModel
     private var state: MLState
+    private let tables: [(name: String, rows: EmbeddingRows)]
 
-    init(manifest: Manifest, prefill: MLModel, decode: MLModel) {
+    init(manifest: Manifest, prefill: MLModel, decode: MLModel,
+         tables: [(name: String, rows: EmbeddingRows)] = []) {
         self.manifest = manifest
+        self.tables = tables
         info = ModelInfo(contextLength: manifest.contextLength, vocabularySize: manifest.vocabSize,
                          maxChunkLength: manifest.prefillMaxLength,
                          canRewind: manifest.statesCanRewind)
@@ -22,20 +27,24 @@ public actor CoreMLLanguageModel: LanguageModel {
         state = decode.makeState()
     }
 
-    /// Load the functions of a compiled model (`.mlmodelc`, e.g. from `CompiledModelCache`).
-    public static func load(compiledModelAt url: URL, manifest: Manifest,
+    /// Load the functions of a compiled model (`.mlmodelc`, e.g. from `CompiledModelCache`);
+    /// `files` is the package's manifest folder, where input tables (`EmbeddingRows`) live.
+    public static func load(compiledModelAt url: URL, manifest: Manifest, files: URL? = nil,
                             computeUnits: MLComputeUnits = .all) async throws -> CoreMLLanguageModel
     {
-        for function in manifest.functions.values {
-            if let extra = function.inputs.first(where: { $0.source != nil }) {
-                throw EdgertError.manifest("input \(extra.name) needs values from a " +
-                                           "\(extra.source!.kind) source, which this bridge " +
-                                           "does not provide yet")
+        var tables: [(name: String, rows: EmbeddingRows)] = []
+        for input in manifest.functions[IONames.decode]?.inputs ?? [] {
+            guard let source = input.source else { continue }
+            guard let files else {
+                throw EdgertError.manifest("input \(input.name) reads \(source.path ?? "a file"), " +
+                                           "but no package folder was given")
             }
+            tables.append((input.name, try EmbeddingRows(source: source, folder: files)))
         }
         let prefill = try await loadFunction(IONames.prefill, url, computeUnits)
         let decode = try await loadFunction(IONames.decode, url, computeUnits)
-        return CoreMLLanguageModel(manifest: manifest, prefill: prefill, decode: decode)
+        return CoreMLLanguageModel(manifest: manifest, prefill: prefill, decode: decode,
+                                   tables: tables)
     }
 
     static func loadFunction(_ name: String, _ url: URL, _ computeUnits: MLComputeUnits)
@@ -60,11 +69,15 @@ public actor CoreMLLanguageModel: LanguageModel {
         guard position + count <= manifest.contextLength else {
             throw EdgertError.contextFull(needed: position + count, context: manifest.contextLength)
         }
-        let inputs = try MLDictionaryFeatureProvider(dictionary: [
+        var features: [String: MLFeatureValue] = [
             IONames.inputIDs: MLFeatureValue(multiArray: try Self.inputIDs(tokens)),
             IONames.position: MLFeatureValue(multiArray: try Self.position(position)),
             IONames.causalMask: MLFeatureValue(multiArray: try causalMask(position, count)),
-        ])
+        ]
+        for table in tables {
+            features[table.name] = MLFeatureValue(multiArray: try Self.rows(table.rows, tokens))
+        }
+        let inputs = try MLDictionaryFeatureProvider(dictionary: features)
         let function = count == 1 ? decodeModel : prefillModel
         let output = try function.prediction(from: inputs, using: state)
         guard let logits = output.featureValue(for: IONames.logits)?.multiArrayValue else {
@@ -113,6 +126,22 @@ public actor CoreMLLanguageModel: LanguageModel {
         return array
     }
 
+    /// A table's rows for `tokens`: (1, L, columns) fp16.
+    static func rows(_ table: EmbeddingRows, _ tokens: [Int]) throws -> MLMultiArray {
+        let halves = try table.halfRows(tokens)
+        let shape = [1, tokens.count, table.columns].map { NSNumber(value: $0) }
+        let array = try MLMultiArray(shape: shape, dataType: .float16)
+        array.withUnsafeMutableBytes { raw, strides in
+            let out = raw.bindMemory(to: UInt16.self)
+            for i in 0..<tokens.count {
+                for j in 0..<table.columns {
+                    out[i * strides[1] + j * strides[2]] = halves[i * table.columns + j]
+                }
+            }
+        }
+        return array
+    }
+
     /// The logits (1, 1, vocab) float32 as an array.
     static func lastRow(_ logits: MLMultiArray) -> [Float] {
         let n = logits.shape[logits.shape.count - 1].intValue
@@ -147,6 +176,7 @@ public struct EdgertPackage: Sendable {
         let compiled = try await cache.compiledModel(for: files)
         let model = try await CoreMLLanguageModel.load(compiledModelAt: compiled,
                                                        manifest: files.manifest,
+                                                       files: files.folder,
                                                        computeUnits: computeUnits)
         return EdgertPackage(files: files, model: model, tokenizer: try files.tokenizer())
     }

@@ -36,7 +36,8 @@ public struct Manifest: Decodable, Sendable {
         public let name: String
         public let shape: [Int]
         public let dtype: String
-        /// States only: `kv_cache` (positional, masked: a conversation can be rewound) or
+        /// States only: `kv_cache` (positional, masked: a conversation can be rewound),
+        /// `window` (a sliding window's last positions, shifted along: it cannot) or
         /// `recurrent` (carried forward: it cannot). Nil in version 1 (all `kv_cache`).
         /// A hybrid model (Qwen3.5) has both: `key_cache` / `value_cache` for its
         /// full-attention layers, `conv_state` / `delta_state` for its linear-attention ones.
@@ -58,10 +59,30 @@ public struct Manifest: Decodable, Sendable {
     }
 
     /// Where an extra input's values come from: `kind` names the rule, `path` a file relative
-    /// to the manifest's folder.
+    /// to the manifest's folder. `embedding_rows` (Gemma 4's per-layer embeddings): the rows
+    /// of `tensor` (`shape` rows x columns, quantized as `quantization` says, else float) for
+    /// the chunk's `input_ids`, read from the memory-mapped file (`EmbeddingRows`).
     public struct InputSource: Decodable, Sendable {
         public let kind: String
         public let path: String?
+        public let tensor: String?
+        public let shape: [Int]?
+        public let quantization: Quantization?
+        /// The file's size in bytes, as written at export.
+        public let bytes: Int?
+    }
+
+    /// MLX affine quantization of a table: w = scale * q + bias per group of `groupSize`.
+    public struct Quantization: Decodable, Sendable, Equatable {
+        public let bits: Int
+        public let groupSize: Int
+        public let mode: String?
+
+        public init(bits: Int, groupSize: Int, mode: String? = "affine") {
+            self.bits = bits
+            self.groupSize = groupSize
+            self.mode = mode
+        }
     }
 
     /// One function of the package (`prefill`, `decode`).
@@ -143,7 +164,8 @@ public struct Manifest: Decodable, Sendable {
     }
 
     /// True when every state is a positional KV cache: feeding tokens at an earlier position
-    /// rewinds the conversation (the mask hides stale slots). Recurrent states cannot rewind.
+    /// rewinds the conversation (the mask hides stale slots). Window and recurrent states
+    /// cannot rewind.
     public var statesCanRewind: Bool {
         states.allSatisfy { ($0.kind ?? "kv_cache") == "kv_cache" }
     }
@@ -180,7 +202,7 @@ public struct Manifest: Decodable, Sendable {
                 throw EdgertError.manifest("function \(name) declares no states")
             }
             if let state = function.states.first(where: {
-                !["kv_cache", "recurrent"].contains($0.kind ?? "kv_cache")
+                !["kv_cache", "window", "recurrent"].contains($0.kind ?? "kv_cache")
             }) {
                 throw EdgertError.manifest("state \(state.name) has unknown kind \(state.kind ?? "")")
             }

@@ -48,6 +48,34 @@ final class ManifestTests: XCTestCase {
         XCTAssertEqual(manifest.stateMemoryBytes, 2 * kv + 1536 + 2 * 2 * 4 * 16 * 16)
     }
 
+    /// A Gemma 4 manifest's shape: sliding-window states beside the KV cache (no rewinding),
+    /// and an extra input whose rows come from a table file of the package.
+    func testWindowStatesAndSourcedInputsDecode() throws {
+        let url = try Fixture.manifestFolder().appendingPathComponent(PackageLayout.manifestFile)
+        var m = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+        let window: [String: Any] = ["name": "sliding_key_cache", "shape": [4, 2, 512, 256],
+                                     "dtype": "float16", "kind": "window"]
+        let rows: [String: Any] = [
+            "name": "per_layer_embeddings", "shape": [1, -1, 8960], "dtype": "float16",
+            "source": ["kind": "embedding_rows", "path": "model-per-layer-embeddings.safetensors",
+                       "tensor": "model.embed_tokens_per_layer", "ids": "input_ids",
+                       "shape": [262144, 8960], "bytes": 1234,
+                       "quantization": ["bits": 4, "group_size": 32, "mode": "affine"]] as [String: Any],
+        ]
+        var f = m["functions"] as! [String: [String: Any]]
+        for name in [IONames.prefill, IONames.decode] {
+            f[name]!["states"] = (f[name]!["states"] as! [[String: Any]]) + [window]
+            f[name]!["inputs"] = (f[name]!["inputs"] as! [[String: Any]]) + [rows]
+        }
+        m["functions"] = f
+        let manifest = try Manifest.decode(from: JSONSerialization.data(withJSONObject: m))
+        XCTAssertFalse(manifest.statesCanRewind)
+        let source = try XCTUnwrap(manifest.functions[IONames.decode]?.inputs.last?.source)
+        XCTAssertEqual(source.shape, [262144, 8960])
+        XCTAssertEqual(source.quantization, Manifest.Quantization(bits: 4, groupSize: 32))
+        XCTAssertEqual(source.tensor, "model.embed_tokens_per_layer")
+    }
+
     /// Each broken manifest is refused with a description naming the problem.
     func testBrokenManifestsAreRefused() throws {
         let url = try Fixture.manifestFolder().appendingPathComponent(PackageLayout.manifestFile)

@@ -8,7 +8,8 @@ from rich.console import Console
 
 from .generation import stream_generate
 from .models.cache import make_cache, restore, snapshot, trimmable
-from .reasoning import ReasoningParser, opens_reasoning, reasoning_format, split_reasoning
+from .reasoning import (ReasoningParser, prompt_opens_reasoning, reasoning_format,
+                        split_reasoning)
 from .signals import stop_requested
 from .speculative import summary
 
@@ -91,7 +92,7 @@ class ChatSession:
         """Yield GenerationResponses; the (possibly interrupted) reply joins the history."""
         self.messages.append({"role": "user", "content": user})
         ids = self.prompt_ids()
-        self.opens_reasoning = opens_reasoning(self.tokenizer.decode(ids[-4:]), self.reasoning)
+        self.opens_reasoning = prompt_opens_reasoning(self.tokenizer, ids, self.reasoning)
         keep = self._rewind(ids)
         self.fed = len(ids) - keep
         fed = list(ids)

@@ -206,6 +206,11 @@ def opens_reasoning(prompt_text: str, fmt: str | None) -> bool:
     return fmt == "think" and prompt_text.rstrip().endswith(THINK_OPEN)
 
 
+def prompt_opens_reasoning(tokenizer, ids: list[int], fmt: str | None) -> bool:
+    """opens_reasoning of a tokenized prompt: only its last few tokens can hold `<think>`."""
+    return fmt == "think" and opens_reasoning(tokenizer.decode(ids[-4:]), fmt)
+
+
 def harmony_tool_arguments(arguments: str) -> str:
     """Arguments as a JSON text (harmony calls carry JSON; anything else is passed as is)."""
     try:

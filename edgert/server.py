@@ -254,12 +254,12 @@ class Server:
     def reasoning(self, ids: list[int]) -> tuple[str, bool] | None:
         """(format, whether the prompt `ids` left the reply inside a reasoning block), or None
         for a template without reasoning: the reply's reasoning goes to `reasoning_content`."""
-        from .reasoning import opens_reasoning
+        from .reasoning import prompt_opens_reasoning
 
         if self.reasoning_format is None:
             return None
-        tail = self.engine.tokenizer.decode(ids[-4:])
-        return self.reasoning_format, opens_reasoning(tail, self.reasoning_format)
+        return self.reasoning_format, prompt_opens_reasoning(self.engine.tokenizer, ids,
+                                                             self.reasoning_format)
 
     @staticmethod
     def use_tools(req: ChatRequest) -> bool:
@@ -490,9 +490,14 @@ def _completion_logprobs(entries: list | None) -> dict | None:
             "text_offset": []}
 
 
-def _tool_calls(text: str, tools: str) -> tuple[str | None, list[dict]]:
-    from .tools import parse_tool_calls
+def _tool_calls(text: str, tools: str, found: list | None = None,
+                visible: str | None = None) -> tuple[str | None, list[dict]]:
+    """(content, tool calls) of a reply. `found`: the harmony calls a reasoning parse of the
+    reply already found (with its `visible` content), so the reply is not parsed again."""
+    from .tools import harmony_calls, parse_tool_calls
 
+    if tools == "harmony" and found is not None:
+        return visible or None, harmony_calls(found)
     if tools != "any":
         return parse_tool_calls(text, tools)
     for fmt in ("hermes", "llama3"):  # a template that names no format: try both
@@ -530,15 +535,18 @@ async def _collect(events, head: dict, chat: bool, logprobs: bool, echo: str = "
         message = {"role": "assistant", "content": "".join(text)}
         finish = done.finish_reason
         raw = message["content"]
+        found = None  # harmony: the tool calls the reasoning parse found
         if reasoning:
             from .reasoning import split_reasoning
 
-            thought, message["content"], _ = split_reasoning(raw, *reasoning)
+            thought, message["content"], found = split_reasoning(raw, *reasoning)
             if thought is not None:
                 message["reasoning_content"] = thought
         if tools:
             message["content"], calls = _tool_calls(
-                raw if tools == "harmony" else message["content"], tools)
+                raw if tools == "harmony" else message["content"], tools,
+                found if reasoning and reasoning[0] == "harmony" else None,
+                message["content"])
             if calls:
                 message["tool_calls"], finish = calls, "tool_calls"
         choice = {"index": 0, "message": message,
@@ -601,13 +609,14 @@ def _stream(events, head: dict, obj: str, req: Sampling, chat: bool,
                 for kind, text in parser.finish():
                     yield _sse(_reasoning_delta(chunk(text, None, None), kind))
             if tools:
-                raw = "".join(held)
+                raw, found, visible = "".join(held), None, None
                 if parser:
-                    thought, visible, _ = split_reasoning(raw, *reasoning)
+                    thought, visible, found = split_reasoning(raw, *reasoning)
                     if thought is not None:
                         yield _sse(_reasoning_delta(chunk(thought, None, None), "reasoning"))
+                    found = found if reasoning[0] == "harmony" else None
                 content, calls = _tool_calls(raw if tools == "harmony" or not parser
-                                             else visible, tools)
+                                             else visible, tools, found, visible)
                 if content:
                     yield _sse(chunk(content, None, None))
                 if calls:

@@ -45,6 +45,13 @@ def _as_call(obj, key: str) -> dict | None:
     return None
 
 
+def harmony_calls(found: list[tuple[str, str]]) -> list[dict]:
+    """OpenAI-form tool calls of the (name, arguments) pairs a harmony reply's parse found."""
+    from .reasoning import harmony_tool_arguments
+
+    return [_call(name, harmony_tool_arguments(args)) for name, args in found]
+
+
 def parse_tool_calls(text: str, fmt: str | None) -> tuple[str | None, list[dict]]:
     """(content left over or None, tool calls in OpenAI form) from a generated reply."""
     if fmt == "hermes":
@@ -62,10 +69,10 @@ def parse_tool_calls(text: str, fmt: str | None) -> tuple[str | None, list[dict]
         rest = HERMES_BLOCK.sub("", text).strip()
         return rest or None, calls
     if fmt == "harmony":
-        from .reasoning import harmony_tool_arguments, split_reasoning
+        from .reasoning import split_reasoning
 
         _, content, found = split_reasoning(text, "harmony")
-        return content or None, [_call(name, harmony_tool_arguments(args)) for name, args in found]
+        return content or None, harmony_calls(found)
     if fmt == "llama3":
         body = text.strip().removeprefix("<|python_tag|>").strip()
         try:

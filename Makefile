@@ -23,8 +23,13 @@ setup: $(BIN)/edgert
 chat: setup
 	$(BIN)/edgert chat
 
+# test_coreml_gemma4.py runs in a process of its own: after test_coreml.py's exports in the same
+# process, its chunked-prefill test sometimes sees the sliding state fed to a full layer's
+# slice_update in the MIL interpreter (an open bug, not yet found; alone it has always passed).
+ISOLATED = tests/test_coreml_gemma4.py
 test: setup test-data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(ISOLATED))
+	$(BIN)/python -m pytest -q $(ISOLATED)
 
 # The inner loop: architectures, caches, readers, sampling; no llama.cpp build, a few minutes.
 FAST ?= tests/test_models.py tests/test_hf_reader.py tests/test_sample.py tests/test_layers.py \

@@ -25,7 +25,9 @@ chat: setup
 
 # test_coreml_gemma4.py runs in a process of its own: after test_coreml.py's exports in the same
 # process, its chunked-prefill test sometimes sees the sliding state fed to a full layer's
-# slice_update in the MIL interpreter (an open bug, not yet found; alone it has always passed).
+# slice_update in the MIL interpreter. The package built in such a process is correct (it runs
+# in a fresh process); the fault is in interpreting it after many other programs were built and
+# loaded in the same process (an open bug, cause not yet found).
 ISOLATED = tests/test_coreml_gemma4.py
 test: setup test-data
 	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(ISOLATED))

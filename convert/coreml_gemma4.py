@@ -188,7 +188,7 @@ class Gemma4Graph(_Graph):
         n = mb.gather(x=mb.shape(x=input_ids), indices=1, axis=0)  # scalar L
         pos = position if decode else mb.add(x=mb.range_1d(start=0, end=n, step=1), y=position)
         end = mb.add(x=position, y=mb.gather(x=mb.shape(x=input_ids), indices=[1], axis=0))
-        ropes = {t: self.rope_rows(t, pos) for t in set(a.layer_types)}
+        ropes = {t: self.rope_rows(t, pos) for t in sorted(set(a.layer_types))}  # fixed op order
         masks = {FULL: mask}
         if sliding:
             S = self.states(arch, self.context)[-1].shape[2]

@@ -27,7 +27,7 @@ from ..errors import EdgertError, UnsupportedError
 from .base import BaseModelArgs, GGUFSpec, attention, causal_mask, embed, head_logits
 from ..mapped_rows import MappedRows
 from .cache import KVCache, RotatingKVCache, first_of
-from .switch import SwitchGLU, check_experts, topk_softmax
+from .switch import SwitchGLU, check_experts, fused_gate_up, topk_softmax
 
 MODEL_TYPES = ("gemma4_text", "gemma4")  # the first is what packages store
 COREML_GRAPH = "gemma4"  # edgert.convert.coreml_gemma4 (dense variants)
@@ -458,11 +458,7 @@ def hf_fused(name: str, config: dict):
     prefix, _, leaf = name.rpartition(".experts.")
     if not prefix.startswith("model.layers.") or leaf not in ("gate_up_proj", "down_proj"):
         return None
-    base = f"{prefix}.experts.switch_glu"
-    if leaf == "down_proj":
-        return [f"{base}.down_proj.weight"], lambda w: [w]
-    return ([f"{base}.gate_proj.weight", f"{base}.up_proj.weight"],
-            lambda w: np.split(w, 2, axis=-2))
+    return fused_gate_up(f"{prefix}.experts.switch_glu", leaf)
 
 
 def quant_policy(name: str, shape: tuple, config: dict):

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from . import llama
 from .base import LLAMA_GGUF_TENSORS, GGUFSpec
-from .switch import SwitchGLU, check_experts, topk_softmax
+from .switch import SwitchGLU, check_experts, fused_gate_up, topk_softmax
 
 MODEL_TYPES = ("qwen3_moe",)
 
@@ -112,11 +111,7 @@ def hf_fused(name: str, config: dict):
     m = _FUSED.fullmatch(name)
     if m is None:
         return None
-    base = f"{m[1]}.switch_mlp"
-    if m[2] == "down_proj":
-        return [f"{base}.down_proj.weight"], lambda w: [w]
-    return ([f"{base}.gate_proj.weight", f"{base}.up_proj.weight"],
-            lambda w: np.split(w, 2, axis=-2))
+    return fused_gate_up(f"{m[1]}.switch_mlp", m[2])
 
 
 def quant_policy(name: str, shape: tuple, config: dict):

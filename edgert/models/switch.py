@@ -134,3 +134,14 @@ def check_experts(num_experts: int, top_k: int, top_k_name: str = "num_experts_p
     if not 0 < top_k <= num_experts:
         raise EdgertError(f"{top_k_name} {top_k} must be between 1 and the expert "
                           f"count {num_experts}")
+
+
+def fused_gate_up(base: str, leaf: str):
+    """HF fused experts under `base` (a switch_mlp / switch_glu): (package names, split) for
+    `down_proj` as it is, or `gate_up_proj` (E, 2I, H) as its gate then up halves."""
+    import numpy as np
+
+    if leaf == "down_proj":
+        return [f"{base}.down_proj.weight"], lambda w: [w]
+    return ([f"{base}.gate_proj.weight", f"{base}.up_proj.weight"],
+            lambda w: np.split(w, 2, axis=-2))
